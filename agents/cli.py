@@ -1,0 +1,37 @@
+"""The ``step`` command line. Each sub-command lives in its own module with ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module implementing it (imported only when that command runs, so `step --help` is fast)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("agents.commands.collect", "make demonstrations with a scripted expert (LeRobotDataset)"),
+    "eval": ("agents.commands.evaluate", "evaluate an agent on seeded episodes, with videos"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="step", description="STEP: fast closed-loop diffusion policies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"step {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

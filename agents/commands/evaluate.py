@@ -1,0 +1,49 @@
+"""``step eval --task pusht --agent expert --episodes 10 --video DIR``"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agents.factory import make_agent
+from step_envs.registry import get_task, make_env
+from step_envs.rollout import rollout, summarize
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--task", default="pusht")
+    parser.add_argument("--agent", default="expert", help="method spec: expert, random, ddpm:100, ddim:4, step:2 ...")
+    parser.add_argument("--checkpoint", default=None, help="policy checkpoint directory (trained agents)")
+    parser.add_argument("--obs-type", default="state", choices=["state", "pixels", "pixels_state"])
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed-start", type=int, default=0)
+    parser.add_argument("--num-envs", type=int, default=1, help="batch this many envs (one agent call per step)")
+    parser.add_argument("--video", default=None, help="folder for mp4 videos")
+    parser.add_argument("--num-videos", type=int, default=2, help="videos of the first N episodes")
+    parser.add_argument("--json", default=None, help="write per-episode results here")
+    parser.add_argument("--env-id", default=None, help="override the env id (e.g. a real-arm id)")
+
+
+def run(args) -> int:
+    spec = get_task(args.task)
+    if args.episodes < 1:
+        raise ValueError("--episodes must be at least 1")
+    num_envs = None if args.num_envs <= 1 else args.num_envs
+    env = make_env(args.task, obs_type=args.obs_type, num_envs=num_envs)
+    try:
+        agent = make_agent(args.agent, env, task=spec.name, checkpoint=args.checkpoint)
+        seeds = range(args.seed_start, args.seed_start + args.episodes)
+        results = rollout(env, agent, seeds, video_dir=args.video, num_videos=args.num_videos if args.video else 0)
+    finally:
+        env.close()
+    summary = summarize(results)
+    summary.update(task=spec.name, agent=args.agent, seed_start=args.seed_start)
+    print(f"{spec.name} {args.agent}: success {summary['success_rate']:.2f} "
+          f"mean max reward {summary['mean_max_reward']:.3f} over {summary['episodes']} episodes")
+    for r in results:
+        if r.video:
+            print(f"video: {r.video}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,44 @@
+"""Scripted experts that make demonstrations here (no dataset can be downloaded on these machines).
+
+``make_expert(task, env)`` returns an agent (``reset()`` / ``act(obs)``) that reads the true simulator
+state of ``env``, a single env or a synchronous VectorEnv (one expert per sub-env).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+
+class ExpertAgent:
+    """Wraps per-env experts behind the agent API used by the rollout loop."""
+
+    def __init__(self, experts: list, batched: bool):
+        self.experts = experts
+        self.batched = batched
+
+    def reset(self) -> None:
+        for expert in self.experts:
+            expert.reset()
+
+    def act(self, obs: dict) -> np.ndarray:
+        if not self.batched:
+            return self.experts[0].act(obs)
+        return np.stack([expert.act(None) for expert in self.experts])
+
+
+def _sub_envs(env) -> tuple[list, bool]:
+    if isinstance(env, gym.vector.SyncVectorEnv):
+        return list(env.envs), True
+    if isinstance(env, gym.vector.VectorEnv):
+        raise ValueError("Experts read simulator state, so they need a SyncVectorEnv (vectorization_mode='sync').")
+    return [env], False
+
+
+def make_expert(task: str, env, seed: int = 0) -> ExpertAgent:
+    envs, batched = _sub_envs(env)
+    if task == "pusht":
+        from step_envs.experts.pusht_expert import PushTExpert
+
+        return ExpertAgent([PushTExpert(e.unwrapped.sim, seed=seed) for e in envs], batched)
+    raise ValueError(f"No scripted expert for task {task!r}.")

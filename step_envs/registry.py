@@ -1,0 +1,67 @@
+"""One table of tasks: env id, entry point, horizon and the defaults the CLI needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+
+OBS_TYPES = ("state", "pixels", "pixels_state")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # short CLI name, e.g. "pusht"
+    env_id: str  # Gymnasium id in the ``step`` namespace
+    entry_point: str
+    max_episode_steps: int  # the task's standard horizon (TimeLimit)
+    fps: int  # control rate, also the dataset fps
+    real_hardware: bool = False  # excluded from simulator contract tests
+    kwargs: dict = field(default_factory=dict)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "pusht": TaskSpec(
+        name="pusht",
+        env_id="step/PushT-v0",
+        entry_point="step_envs.pusht:PushTEnv",
+        max_episode_steps=300,
+        fps=10,
+    ),
+}
+
+
+def register_all() -> None:
+    for spec in TASKS.values():
+        if spec.env_id in gym.registry:
+            continue
+        gym.register(
+            id=spec.env_id,
+            entry_point=spec.entry_point,
+            max_episode_steps=spec.max_episode_steps,
+            kwargs=dict(spec.kwargs),
+        )
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def task_for_env_id(env_id: str) -> TaskSpec:
+    for spec in TASKS.values():
+        if spec.env_id == env_id:
+            return spec
+    raise ValueError(f"Unknown env id {env_id!r}. Registered: {', '.join(s.env_id for s in TASKS.values())}")
+
+
+def make_env(task: str, obs_type: str = "state", num_envs: int | None = None, **kwargs):
+    """Make one env, or a synchronous VectorEnv of ``num_envs`` copies, for a task name."""
+    spec = get_task(task)
+    kwargs.setdefault("render_mode", "rgb_array")
+    if num_envs is None:
+        return gym.make(spec.env_id, obs_type=obs_type, **kwargs)
+    return gym.make_vec(
+        spec.env_id, num_envs=num_envs, vectorization_mode="sync", obs_type=obs_type, **kwargs
+    )
