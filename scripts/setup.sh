@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.12, which LeRobot 0.6.1 requires) and install the project with its Push-T extras.
+# Create .venv (Python 3.12, which LeRobot 0.6.1 requires) and install the project with the simulator and hardware extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,5 +16,5 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[pusht,dev]"
+.venv/bin/python -m pip install -q -e ".[pusht,robomimic,hardware,dev]"
 echo "environment ready: source .venv/bin/activate"

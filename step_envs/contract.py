@@ -5,6 +5,8 @@ Observations are LeRobot-style dicts:
   ``environment_state``  float32 object state (state variants),
   ``pixels``             dict camera name -> uint8 HxWx3 (image variants).
 ``obs_type`` picks ``state``, ``pixels`` or ``pixels_state``.
+Every env also has ``hold_action()``: the action that keeps the robot where it is (used by tests and
+by the safety guard when an agent misses its deadline).
 """
 
 from __future__ import annotations

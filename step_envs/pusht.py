@@ -76,6 +76,10 @@ class PushTEnv(gym.Env):
             "block_pose": np.asarray(info["block_pose"], dtype=np.float64),
         }
 
+    def hold_action(self) -> np.ndarray:
+        """The action that keeps the robot where it is (contract: every step env has one)."""
+        return np.clip(np.asarray(self.sim.agent.position, np.float32), self.action_space.low, self.action_space.high)
+
     def render(self):
         if self.render_mode is None:
             return None

@@ -38,10 +38,11 @@ def test_time_limit_and_render(spec):
     obs, _ = env.reset(seed=1)
     frame = env.render()
     assert frame.dtype == np.uint8 and frame.ndim == 3
-    # Holding the arm where it starts never succeeds, so the TimeLimit must end the episode.
-    hold = np.clip(obs["agent_pos"], env.action_space.low, env.action_space.high)
+    # Holding the robot where it starts never succeeds, so the TimeLimit must end the episode.
     steps, terminated, truncated = 0, False, False
     while not (terminated or truncated):
+        hold = env.unwrapped.hold_action()
+        assert env.action_space.contains(hold)
         _, _, terminated, truncated, _ = env.step(hold)
         steps += 1
     assert truncated and not terminated and steps == spec.max_episode_steps
