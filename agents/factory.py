@@ -39,4 +39,53 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
         from agents.simple import RandomAgent
 
         return RandomAgent(action_space, seed=seed, batch_size=batch)
-    raise ValueError(f"Unknown method {name!r}. Known: expert, random.")
+    if name in DIFFUSION_METHODS:
+        return make_diffusion_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
+    raise ValueError(f"Unknown method {name!r}. Known: expert, random, {', '.join(DIFFUSION_METHODS)}.")
+
+
+DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver", "step")
+
+
+def _env_task(env) -> str | None:
+    spec = getattr(env, "spec", None)
+    if spec is None or not getattr(spec, "id", None):
+        return None
+    from step_envs.registry import task_for_env_id
+
+    try:
+        return task_for_env_id(spec.id).name
+    except ValueError:
+        return None
+
+
+def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = None, checkpoint: str | None = None,
+                         seed: int = 0, predictor: str | None = None, first_call: str = "predictor",
+                         stall=None, backbone=None, predictor_model=None):
+    """DDPM / DDIM / DPM-Solver++ / STEP on a trained backbone checkpoint.
+
+    STEP's predictor: ``predictor=DIR``, else ``<checkpoint>/predictor``. ``stall``: a StallConfig or a
+    dict of its fields. ``backbone`` / ``predictor_model``: already-loaded modules (tests, benchmarks).
+    """
+    from agents.checkpoint import features_from_spaces, find_predictor, load_policy, load_predictor
+    from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent
+    from agents.stall import StallConfig
+
+    obs_space, action_space, batch = _single_spaces(env)
+    steps = steps or DEFAULT_STEPS[name]
+    if name == "ddpm" and steps != 100:
+        raise ValueError("DDPM runs every training timestep: use 'ddpm' or 'ddpm:100'.")
+    if backbone is None:
+        if checkpoint is None:
+            raise ValueError(f"Method {name!r} needs --checkpoint (a `step train-policy` output folder).")
+        backbone, _ = load_policy(checkpoint, task=task or _env_task(env), features=features_from_spaces(obs_space, action_space))
+    model = predictor_model
+    if name == "step" and model is None:
+        path = predictor or (find_predictor(checkpoint) if checkpoint else None)
+        if path is None:
+            raise ValueError("STEP needs a predictor: pass predictor=DIR or train one into <checkpoint>/predictor.")
+        model, _ = load_predictor(path, backbone)
+    if isinstance(stall, dict):
+        stall = StallConfig(**stall)
+    cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call, stall=stall or StallConfig())
+    return DiffusionAgent(backbone, cfg, action_space, batch_size=batch, predictor=model)

@@ -95,6 +95,11 @@ def _work(args) -> dict:
     return summary
 
 
+def _remove_partial_writes(raw: Path) -> None:
+    for stale in raw.glob("*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def read_summaries(out: str | Path) -> dict[int, dict]:
     """Every finished seed's summary, kept or rejected."""
     summaries = {}
@@ -114,8 +119,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     get_task(cfg.task)  # fail fast on an unknown task
     raw = _raw_dir(cfg.out)
     raw.mkdir(parents=True, exist_ok=True)
-    for stale in raw.glob("*.tmp*"):  # partial writes of a killed run
-        stale.unlink()
+    _remove_partial_writes(raw)  # of a killed run
     (Path(cfg.out) / "collect_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     done = read_summaries(cfg.out)
     kept = sum(s["kept"] for s in done.values())
@@ -133,8 +137,9 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
                 tried = len(done)
                 bar.set_postfix(tried=tried, success=f"{np.mean([d['success'] for d in done.values()]):.2f}")
                 if kept >= cfg.episodes:
-                    pool.terminate()  # in-flight episodes are dropped; they were never written
+                    pool.terminate()  # in-flight episodes are dropped; they were never renamed into place
                     break
+        _remove_partial_writes(raw)
     bar.close()
     elapsed = time.perf_counter() - t0
     if kept < cfg.episodes:

@@ -1,0 +1,237 @@
+"""The diffusion backbone: LeRobot's Diffusion Policy network behind a small adapter.
+
+What we take from LeRobot 0.6.1 (``lerobot.policies.diffusion``):
+  * ``DiffusionModel``: the 1-D conditional U-Net with FiLM (``.unet``), the RGB encoder, the
+    observation -> global-condition code (``_prepare_global_conditioning``) and the training loss
+    (``compute_loss``, epsilon prediction on LeRobot's DDPM noise scheduler).
+
+What we do not take, and why:
+  * ``DiffusionPolicy.select_action`` / ``predict_action_chunk``: they hide the sampling loop inside
+    the model (one scheduler, one start from pure noise). Our samplers drive ``unet(x, t, cond)``
+    themselves (warm starts at intermediate timesteps, DPM-Solver++), so we call the U-Net directly.
+  * LeRobot's normaliser processor pipeline: the samplers, the STEP predictor and the stall detector
+    all work in the normalised action space and need the affine map itself, and the per-call dict
+    pipeline costs time at batch 1 that would show up in every latency number. ``Normalizer`` below is
+    the same min-max / mean-std maths as LeRobot's defaults (STATE and ACTION min-max to [-1, 1],
+    VISUAL mean-std), kept as buffers so it is saved in our safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
+
+OBS_IMAGES = "observation.images"  # LeRobot's stacked-camera key inside DiffusionModel
+
+
+@dataclass
+class FeatureSpec:
+    """Shapes the backbone was built for; a checkpoint refuses envs that do not match."""
+
+    state_dim: int
+    action_dim: int
+    env_state_dim: int | None = None
+    cameras: dict[str, list[int]] = field(default_factory=dict)  # name -> [H, W, 3]
+
+
+@dataclass
+class PolicyConfig:
+    """Diffusion Policy hyper-parameters (Chi et al.), sized for CPU by the presets below."""
+
+    n_obs_steps: int = 2
+    horizon: int = 16
+    n_action_steps: int = 8
+    down_dims: tuple[int, ...] = (64, 128, 256)
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 64
+    use_film_scale_modulation: bool = True
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    # image encoder (image variants only); never pretrained: nothing may be downloaded
+    vision_backbone: str = "resnet18"
+    crop_shape: tuple[int, int] | None = (84, 84)
+    spatial_softmax_num_keypoints: int = 32
+    use_group_norm: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PolicyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        for key in ("down_dims", "crop_shape"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+PRESETS: dict[str, PolicyConfig] = {
+    # Push-T keypoints: state-only U-Net, small enough for batch-1 CPU inference in a few ms.
+    "pusht_state": PolicyConfig(down_dims=(64, 128, 256)),
+    # Push-T image: ResNet-18 from scratch with GroupNorm, as Diffusion Policy does without pretraining.
+    "pusht_image": PolicyConfig(down_dims=(128, 256, 512), diffusion_step_embed_dim=128),
+    # Tests only: the smallest network that still has every part.
+    "tiny": PolicyConfig(down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4),
+}
+
+
+def lerobot_config(cfg: PolicyConfig, features: FeatureSpec):
+    """Translate our config into LeRobot's ``DiffusionConfig`` (network + noise schedule only)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+
+    inputs = {STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(features.state_dim,))}
+    if features.env_state_dim:
+        inputs[ENV_STATE_KEY] = PolicyFeature(type=FeatureType.ENV, shape=(features.env_state_dim,))
+    for cam, (h, w, c) in features.cameras.items():
+        inputs[IMAGE_PREFIX + cam] = PolicyFeature(type=FeatureType.VISUAL, shape=(c, h, w))
+    outputs = {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(features.action_dim,))}
+    return DiffusionConfig(
+        input_features=inputs,
+        output_features=outputs,
+        device="cpu",
+        n_obs_steps=cfg.n_obs_steps,
+        horizon=cfg.horizon,
+        n_action_steps=cfg.n_action_steps,
+        down_dims=tuple(cfg.down_dims),
+        kernel_size=cfg.kernel_size,
+        n_groups=cfg.n_groups,
+        diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
+        use_film_scale_modulation=cfg.use_film_scale_modulation,
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        clip_sample=cfg.clip_sample,
+        clip_sample_range=cfg.clip_sample_range,
+        vision_backbone=cfg.vision_backbone,
+        pretrained_backbone_weights=None,
+        crop_shape=tuple(cfg.crop_shape) if (features.cameras and cfg.crop_shape) else None,
+        spatial_softmax_num_keypoints=cfg.spatial_softmax_num_keypoints,
+        use_group_norm=cfg.use_group_norm,
+        push_to_hub=False,
+    )
+
+
+class Normalizer(nn.Module):
+    """Affine maps into the network's space: min-max to [-1, 1] (state, action), mean-std (images).
+
+    Stats are buffers (saved with the weights). Constant dimensions get a unit range so they map to -1
+    instead of dividing by zero.
+    """
+
+    def __init__(self, features: FeatureSpec):
+        super().__init__()
+        self.register_buffer("state_min", torch.zeros(features.state_dim))
+        self.register_buffer("state_max", torch.ones(features.state_dim))
+        self.register_buffer("action_min", torch.zeros(features.action_dim))
+        self.register_buffer("action_max", torch.ones(features.action_dim))
+        env_dim = features.env_state_dim or 0
+        self.register_buffer("env_min", torch.zeros(env_dim))
+        self.register_buffer("env_max", torch.ones(env_dim))
+        self.register_buffer("image_mean", torch.full((3, 1, 1), 0.5))
+        self.register_buffer("image_std", torch.full((3, 1, 1), 0.5))
+
+    def fit(self, state: Tensor, action: Tensor, env_state: Tensor | None = None, images: Tensor | None = None):
+        """Set stats from data (rows = frames). ``images``: uint8 (N, 3, H, W), a sample is enough."""
+        self.state_min.copy_(state.amin(0)), self.state_max.copy_(state.amax(0))
+        self.action_min.copy_(action.amin(0)), self.action_max.copy_(action.amax(0))
+        if env_state is not None and env_state.shape[-1]:
+            self.env_min.copy_(env_state.amin(0)), self.env_max.copy_(env_state.amax(0))
+        if images is not None:
+            x = images.float() / 255.0
+            self.image_mean.copy_(x.mean(dim=(0, 2, 3)).view(3, 1, 1))
+            self.image_std.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(3, 1, 1))
+
+    @staticmethod
+    def _to(x, lo, hi):
+        span = torch.where(hi - lo > 1e-6, hi - lo, torch.ones_like(hi))
+        return (x - lo) / span * 2.0 - 1.0
+
+    @staticmethod
+    def _from(x, lo, hi):
+        span = torch.where(hi - lo > 1e-6, hi - lo, torch.ones_like(hi))
+        return (x + 1.0) / 2.0 * span + lo
+
+    def state(self, x: Tensor) -> Tensor:
+        return self._to(x, self.state_min, self.state_max)
+
+    def env_state(self, x: Tensor) -> Tensor:
+        return self._to(x, self.env_min, self.env_max)
+
+    def image(self, x: Tensor) -> Tensor:
+        """uint8 (..., 3, H, W) -> float, mean-std normalised."""
+        return (x.float() / 255.0 - self.image_mean) / self.image_std
+
+    def action(self, x: Tensor) -> Tensor:
+        return self._to(x, self.action_min, self.action_max)
+
+    def unnormalize_action(self, x: Tensor) -> Tensor:
+        return self._from(x, self.action_min, self.action_max)
+
+
+class Backbone(nn.Module):
+    """LeRobot's DiffusionModel + our normaliser, with the two entry points our samplers need.
+
+    * ``global_cond(obs)``: obs history dict (raw units, (B, To, ...)) -> (B, cond_dim) condition.
+    * ``denoise(x, t, cond)``: one network evaluation (NFE) of the U-Net in normalised action space.
+    """
+
+    def __init__(self, cfg: PolicyConfig, features: FeatureSpec):
+        super().__init__()
+        from lerobot.policies.diffusion.modeling_diffusion import DiffusionModel
+
+        self.cfg = cfg
+        self.features = features
+        self.lerobot_cfg = lerobot_config(cfg, features)
+        self.model = DiffusionModel(self.lerobot_cfg)
+        self.normalizer = Normalizer(features)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.unet
+
+    @property
+    def action_shape(self) -> tuple[int, int]:
+        return (self.cfg.horizon, self.features.action_dim)
+
+    def normalize_obs(self, obs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw history batch (LeRobot keys, (B, To, ...)) -> the batch DiffusionModel expects."""
+        out = {STATE_KEY: self.normalizer.state(obs[STATE_KEY].float())}
+        if self.features.env_state_dim:
+            out[ENV_STATE_KEY] = self.normalizer.env_state(obs[ENV_STATE_KEY].float())
+        if self.features.cameras:
+            # (B, To, n_cams, 3, H, W), the layout LeRobot's RGB encoder reads
+            out[OBS_IMAGES] = torch.stack(
+                [self.normalizer.image(obs[IMAGE_PREFIX + cam]) for cam in self.features.cameras], dim=2
+            )
+        return out
+
+    def global_cond(self, obs: dict[str, Tensor]) -> Tensor:
+        return self.model._prepare_global_conditioning(self.normalize_obs(obs))
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.model.unet(x, t, global_cond=cond)
+
+    def loss(self, obs: dict[str, Tensor], action: Tensor, action_is_pad: Tensor | None = None) -> Tensor:
+        """Diffusion training loss (LeRobot's compute_loss) on a raw-unit batch."""
+        batch = self.normalize_obs(obs)
+        batch[ACTION_KEY] = self.normalizer.action(action.float())
+        if action_is_pad is None:
+            action_is_pad = torch.zeros(action.shape[:2], dtype=torch.bool, device=action.device)
+        batch["action_is_pad"] = action_is_pad
+        return self.model.compute_loss(batch)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

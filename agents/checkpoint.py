@@ -1,0 +1,193 @@
+"""Checkpoints: a directory with ``config.json`` and ``*.safetensors``; nothing is ever unpickled.
+
+Policy checkpoint (``step train-policy --out DIR``):
+  config.json        {"format": "step-policy", task, obs_type, features, policy, train_step, ...}
+  model.safetensors  the EMA backbone weights (network + normaliser stats): what agents load
+  training_state.*   raw weights, optimiser, EMA and LR schedule for resuming (safetensors + json)
+Predictor checkpoint (``step train-predictor --out DIR``, default ``<policy>/predictor``):
+  config.json        {"format": "step-predictor", predictor, policy_fingerprint, metrics, ...}
+  predictor.safetensors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from agents.backbone import Backbone, FeatureSpec, PolicyConfig
+from agents.predictor import Predictor, PredictorConfig
+
+POLICY_FORMAT = "step-policy"
+PREDICTOR_FORMAT = "step-predictor"
+FORMAT_VERSION = 1
+
+
+def _read_config(path: Path, expected: str) -> dict:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path} (missing config.json).")
+    data = json.loads(config_path.read_text())
+    if data.get("format") != expected:
+        raise ValueError(f"{path} is a {data.get('format')!r} checkpoint, expected {expected!r}.")
+    if data.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer version ({data['version']}) of this library.")
+    return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # atomic: a kill never leaves half a config
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def features_from_spaces(obs_space, action_space) -> FeatureSpec:
+    """The FeatureSpec an env's single observation/action spaces imply."""
+    cameras = {}
+    if "pixels" in obs_space.spaces:
+        cameras = {cam: list(space.shape) for cam, space in obs_space["pixels"].spaces.items()}
+    env_dim = obs_space["environment_state"].shape[0] if "environment_state" in obs_space.spaces else None
+    return FeatureSpec(
+        state_dim=int(obs_space["agent_pos"].shape[0]),
+        action_dim=int(action_space.shape[0]),
+        env_state_dim=int(env_dim) if env_dim else None,
+        cameras=cameras,
+    )
+
+
+def policy_fingerprint(backbone: Backbone) -> str:
+    """Identifies the normalised spaces a predictor depends on (config, shapes, normaliser stats)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(backbone.cfg), sort_keys=True, default=list).encode())
+    h.update(json.dumps(dataclasses.asdict(backbone.features), sort_keys=True).encode())
+    for name, buf in sorted(backbone.normalizer.state_dict().items()):
+        h.update(name.encode())
+        h.update(buf.detach().cpu().numpy().round(5).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_policy(path, backbone: Backbone, task: str, obs_type: str, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_tensors(path / "model.safetensors", backbone.state_dict())
+    config = {
+        "format": POLICY_FORMAT,
+        "version": FORMAT_VERSION,
+        "task": task,
+        "obs_type": obs_type,
+        "features": dataclasses.asdict(backbone.features),
+        "policy": dataclasses.asdict(backbone.cfg),
+        "fingerprint": policy_fingerprint(backbone),
+    }
+    config.update(extra or {})
+    _write_json(path / "config.json", config)
+    return path
+
+
+def read_policy_config(path) -> dict:
+    return _read_config(Path(path), POLICY_FORMAT)
+
+
+def load_policy(path, task: str | None = None, features: FeatureSpec | None = None) -> tuple[Backbone, dict]:
+    """Load a backbone; refuse (ValueError) a checkpoint for another task or other obs/action shapes."""
+    path = Path(path)
+    config = read_policy_config(path)
+    saved = FeatureSpec(**config["features"])
+    if task is not None and config["task"] != task:
+        raise ValueError(f"Checkpoint {path} was trained for task {config['task']!r}, not {task!r}.")
+    if features is not None and dataclasses.asdict(features) != dataclasses.asdict(saved):
+        raise ValueError(
+            f"Checkpoint {path} expects observations/actions {dataclasses.asdict(saved)}, "
+            f"but this env has {dataclasses.asdict(features)} (wrong obs_type or task?)."
+        )
+    backbone = Backbone(PolicyConfig.from_dict(config["policy"]), saved)
+    backbone.load_state_dict(load_file(str(path / "model.safetensors")))
+    backbone.eval()
+    return backbone, config
+
+
+def save_predictor(path, predictor: Predictor, backbone: Backbone, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_tensors(path / "predictor.safetensors", predictor.state_dict())
+    config = {
+        "format": PREDICTOR_FORMAT,
+        "version": FORMAT_VERSION,
+        "predictor": dataclasses.asdict(predictor.cfg),
+        "policy_fingerprint": policy_fingerprint(backbone),
+    }
+    config.update(extra or {})
+    _write_json(path / "config.json", config)
+    return path
+
+
+def load_predictor(path, backbone: Backbone | None = None) -> tuple[Predictor, dict]:
+    """Load a predictor; refuse one trained on another policy's normalised spaces."""
+    path = Path(path)
+    config = _read_config(path, PREDICTOR_FORMAT)
+    if backbone is not None and config["policy_fingerprint"] != policy_fingerprint(backbone):
+        raise ValueError(
+            f"Predictor {path} was trained for another policy (fingerprint {config['policy_fingerprint']}, "
+            f"this policy {policy_fingerprint(backbone)}); retrain it with `step train-predictor`."
+        )
+    predictor = Predictor(PredictorConfig.from_dict(config["predictor"]))
+    predictor.load_state_dict(load_file(str(path / "predictor.safetensors")))
+    predictor.eval()
+    return predictor, config
+
+
+def find_predictor(checkpoint) -> Path | None:
+    """The conventional place of a policy's predictor: ``<policy>/predictor``."""
+    candidate = Path(checkpoint) / "predictor"
+    return candidate if (candidate / "config.json").exists() else None
+
+
+# ----- resumable training state (tensors in safetensors, the rest in json) -----
+
+def save_training_state(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_tensors(path / "training_state.safetensors", tensors)
+    _write_json(path / "training_state.json", meta)
+
+
+def load_training_state(path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    path = Path(path)
+    if not (path / "training_state.json").exists() or not (path / "training_state.safetensors").exists():
+        return None
+    return load_file(str(path / "training_state.safetensors")), json.loads((path / "training_state.json").read_text())
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimiser state_dict -> (tensors, json-able rest)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,171 @@
+"""Diffusion agents with one API: DDPM-100, DDIM-k, DPM-Solver++-k and STEP-k.
+
+All share the same trained backbone and the same mechanics, written once in ``DiffusionAgent``:
+  * observation history of n_obs_steps (=2); the first observation of an episode is repeated;
+  * action-chunk cache: plan a chunk of horizon H (=16) in normalised space, execute the
+    n_action_steps (=8) actions starting at the current step (chunk positions To-1 .. To+Ta-2, as
+    LeRobot's Diffusion Policy does), then replan;
+  * single env (obs arrays without batch dim, returns (A,)) or a VectorEnv batch (returns (B, A)), one
+    batched network call per replan;
+  * one torch.Generator per batch row (seeded ``seed + row``), so row i of a batch gives the same
+    actions as a single-env agent with seed ``seed + i`` on the same episode;
+  * actions are unnormalised and clipped to the env's action space; malformed observations (wrong
+    keys, shapes, NaN/inf) raise ValueError.
+
+STEP adds the predictor, the previous chunk and the stall detector (``plan`` below). First call of an
+episode (no previous chunk), ``first_call="predictor"`` (default): the predictor runs in its trained
+"no history" mode (spatial-only guess from the observation) and the same k-step warm start follows,
+so every STEP call costs the same k NFE + one predictor pass. ``first_call="noise"``: plain DDIM-k from
+noise for that one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from agents.backbone import Backbone
+from agents.predictor import Predictor
+from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler, randn
+from agents.stall import StallConfig, StallDetector
+from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
+
+DEFAULT_STEPS = {"ddpm": 100, "ddim": 4, "dpmsolver": 4, "step": 2}
+FIRST_CALL_MODES = ("predictor", "noise")
+
+
+@dataclass
+class AgentConfig:
+    method: str = "ddim"  # ddpm | ddim | dpmsolver | step
+    steps: int = 4
+    seed: int = 0
+    first_call: str = "predictor"  # STEP only, see module docstring
+    stall: StallConfig = field(default_factory=StallConfig)
+
+
+class DiffusionAgent:
+    def __init__(self, backbone: Backbone, cfg: AgentConfig, action_space, batch_size: int | None = None,
+                 predictor: Predictor | None = None):
+        if cfg.method not in DEFAULT_STEPS:
+            raise ValueError(f"Unknown diffusion method {cfg.method!r}: {', '.join(DEFAULT_STEPS)}")
+        if cfg.method == "step" and predictor is None:
+            raise ValueError("STEP needs a trained predictor (`step train-predictor`).")
+        if cfg.first_call not in FIRST_CALL_MODES:
+            raise ValueError(f"first_call must be one of {FIRST_CALL_MODES}, got {cfg.first_call!r}")
+        self.backbone = backbone.eval()
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.rows = batch_size or 1
+        self.low = np.asarray(action_space.low, dtype=np.float32)
+        self.high = np.asarray(action_space.high, dtype=np.float32)
+        pc = backbone.cfg
+        if pc.n_action_steps > pc.horizon - pc.n_obs_steps + 1:
+            raise ValueError("n_action_steps must be <= horizon - n_obs_steps + 1")
+        self.sampler: Sampler = make_sampler(cfg.method, cfg.steps, ScheduleConfig.from_policy(pc))
+        self.predictor = predictor.eval() if predictor is not None else None
+        if cfg.method == "step":
+            if predictor.cfg.shift != pc.n_action_steps or predictor.cfg.horizon != pc.horizon:
+                raise ValueError("Predictor horizon/shift do not match the policy's horizon/n_action_steps.")
+            assert isinstance(self.sampler, DDIMSampler)
+            self.warm = WarmStart(self.sampler)
+            self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)
+            s = cfg.stall
+            # Draw xi whenever a perturbation can happen, stalled or not, so each row's random stream
+            # does not depend on the other rows of the batch.
+            self.perturb = s.enabled and max(s.sigma, s.sigma_stall) > 0 or s.sigma > 0
+        self.n_replans = 0
+        self.reset()
+
+    # ----- episode state -----
+    def reset(self) -> None:
+        self.history: dict[str, Tensor] | None = None
+        self.cache: np.ndarray | None = None
+        self.cache_index = 0
+        self.prev_chunk: Tensor | None = None
+        self.last_chunk: Tensor | None = None
+        self.generators = [torch.Generator().manual_seed(self.cfg.seed + i) for i in range(self.rows)]
+        if self.cfg.method == "step":
+            self.stall.reset()
+
+    # ----- observations -----
+    def _obs_tensors(self, obs: dict) -> dict[str, Tensor]:
+        """Validate an env observation and convert it to raw-unit tensors with a batch dim."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"Observation must be a dict, got {type(obs).__name__}.")
+        feats = self.backbone.features
+        lead = () if self.batch_size is None else (self.batch_size,)
+        out = {}
+        wanted = [("agent_pos", STATE_KEY, (feats.state_dim,))]
+        if feats.env_state_dim:
+            wanted.append(("environment_state", ENV_STATE_KEY, (feats.env_state_dim,)))
+        for key, name, shape in wanted:
+            if key not in obs:
+                raise ValueError(f"Observation lacks {key!r} (has {sorted(obs)}); the policy needs it.")
+            arr = np.asarray(obs[key], dtype=np.float32)
+            if arr.shape != lead + shape:
+                raise ValueError(f"Observation {key!r} has shape {arr.shape}, expected {lead + shape}.")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"Observation {key!r} contains NaN or inf.")
+            out[name] = torch.from_numpy(arr).reshape(self.rows, *shape)
+        for cam, hwc in feats.cameras.items():
+            pixels = obs.get("pixels", {})
+            if cam not in pixels:
+                raise ValueError(f"Observation lacks pixels[{cam!r}]; the policy needs that camera.")
+            arr = np.asarray(pixels[cam])
+            if arr.shape != lead + tuple(hwc) or arr.dtype != np.uint8:
+                raise ValueError(f"pixels[{cam!r}] has shape {arr.shape} {arr.dtype}, expected {lead + tuple(hwc)} uint8.")
+            out[IMAGE_PREFIX + cam] = torch.from_numpy(arr).reshape(self.rows, *hwc).permute(0, 3, 1, 2)
+        return out
+
+    def _push_history(self, current: dict[str, Tensor]) -> None:
+        steps = self.backbone.cfg.n_obs_steps
+        if self.history is None:
+            self.history = {k: v.unsqueeze(1).repeat(1, steps, *([1] * (v.ndim - 1))) for k, v in current.items()}
+        else:
+            self.history = {k: torch.cat([self.history[k][:, 1:], current[k].unsqueeze(1)], dim=1) for k in current}
+
+    # ----- planning -----
+    def plan(self, cond: Tensor) -> Tensor:
+        """One chunk (B, H, A) in normalised space from the global condition."""
+        shape = (self.rows, *self.backbone.action_shape)
+        denoise = self.backbone.denoise
+        if self.cfg.method != "step":
+            return self.sampler.sample(denoise, cond, shape, self.generators)
+        prev = self.prev_chunk
+        if prev is None and self.cfg.first_call == "noise":
+            chunk = self.sampler.sample(denoise, cond, shape, self.generators)
+        else:
+            pred = self.predictor(cond, prev)
+            lam, sigma, _ = self.stall.coefficients(self.rows)
+            chunk = self.warm.sample(denoise, cond, pred, self.generators, lam=lam, sigma=sigma, perturb=self.perturb)
+        self.stall.update(prev, chunk)
+        self.prev_chunk = chunk
+        return chunk
+
+    def _replan(self) -> None:
+        pc = self.backbone.cfg
+        with torch.inference_mode():
+            cond = self.backbone.global_cond(self.history)
+            chunk = self.plan(cond)
+            start = pc.n_obs_steps - 1
+            actions = self.backbone.normalizer.unnormalize_action(chunk[:, start : start + pc.n_action_steps])
+        self.last_chunk = chunk
+        self.cache = np.clip(actions.numpy(), self.low, self.high).astype(np.float32)
+        self.cache_index = 0
+        self.n_replans += 1
+
+    def act(self, obs: dict) -> np.ndarray:
+        self._push_history(self._obs_tensors(obs))
+        if self.cache is None or self.cache_index >= self.cache.shape[1]:
+            self._replan()
+        action = self.cache[:, self.cache_index]
+        self.cache_index += 1
+        return action[0].copy() if self.batch_size is None else action.copy()
+
+    def chunk(self, obs_history: dict[str, Tensor]) -> Tensor:
+        """One bare chunk inference (used by the latency benchmark): history in, normalised chunk out."""
+        with torch.inference_mode():
+            return self.plan(self.backbone.global_cond(obs_history))

@@ -1,0 +1,445 @@
+"""Training of the diffusion backbone (``step train-policy``) and the STEP predictor (``step train-predictor``).
+
+Why not LeRobot's training loop (``lerobot-train``): it is driven by its own config system and
+checkpoint layout, evaluates through LeRobot's env factory (not our ``step/*`` envs and rollout loop),
+decodes the dataset item by item through ``delta_timestamps`` (slow on 2 CPU cores for a state task
+that fits in memory many times over), and has no EMA of the weights, which Diffusion Policy relies
+on. We keep LeRobot's network and loss (``Backbone.loss`` -> ``DiffusionModel.compute_loss``) and
+write the loop: AdamW, cosine schedule with warm-up (diffusers), EMA (diffusers' EMAModel, the
+Diffusion Policy power schedule), a JSONL loss log, periodic seeded rollouts, resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.backbone import PRESETS, Backbone, FeatureSpec
+from agents.checkpoint import (
+    flatten_optimizer,
+    load_policy,
+    load_training_state,
+    policy_fingerprint,
+    save_policy,
+    save_predictor,
+    save_training_state,
+    unflatten_optimizer,
+)
+from agents.predictor import Predictor, PredictorConfig, shift_chunk
+from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class FrameData:
+    """A dataset held in memory: per-frame tensors and each frame's episode bounds."""
+
+    state: torch.Tensor  # (N, S)
+    action: torch.Tensor  # (N, A)
+    env_state: torch.Tensor | None  # (N, E)
+    images: dict[str, torch.Tensor]  # cam -> (N, 3, H, W) uint8
+    episode: torch.Tensor  # (N,) episode number (0..E-1)
+    start: torch.Tensor  # (N,) first frame of the frame's episode
+    end: torch.Tensor  # (N,) last frame (inclusive)
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.episode.max()) + 1 if len(self.episode) else 0
+
+    def features(self) -> FeatureSpec:
+        return FeatureSpec(
+            state_dim=self.state.shape[1],
+            action_dim=self.action.shape[1],
+            env_state_dim=self.env_state.shape[1] if self.env_state is not None else None,
+            cameras={cam: [img.shape[2], img.shape[3], img.shape[1]] for cam, img in self.images.items()},
+        )
+
+
+def load_frames(path, use_images: bool = False, use_env_state: bool = True) -> FrameData:
+    """Read a LeRobotDataset (local root or `step collect` folder) fully into memory."""
+    ds = load_dataset(path)
+    hf = ds.hf_dataset.with_format("numpy")
+    state = torch.as_tensor(np.stack(hf[STATE_KEY]), dtype=torch.float32)
+    action = torch.as_tensor(np.stack(hf[ACTION_KEY]), dtype=torch.float32)
+    env_state = None
+    if use_env_state and ENV_STATE_KEY in hf.column_names:
+        env_state = torch.as_tensor(np.stack(hf[ENV_STATE_KEY]), dtype=torch.float32)
+    ep_raw = np.asarray(hf["episode_index"]).astype(np.int64)
+    _, episode = np.unique(ep_raw, return_inverse=True)
+    episode = torch.as_tensor(episode)
+    images = {}
+    if use_images:
+        cams = [k for k in ds.meta.features if k.startswith(IMAGE_PREFIX)]
+        for key in cams:
+            frames = [ds[i][key] for i in tqdm(range(len(ds)), desc=f"decoding {key}", leave=False)]
+            # LeRobot returns float (3, H, W) in [0, 1]; keep uint8 to save memory.
+            images[key[len(IMAGE_PREFIX):]] = (torch.stack(frames) * 255).round().to(torch.uint8)
+    n = len(episode)
+    idx = torch.arange(n)
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = episode[1:] != episode[:-1]
+    start = torch.cummax(torch.where(change, idx, torch.zeros_like(idx)), 0).values
+    last = torch.ones(n, dtype=torch.bool)
+    last[:-1] = episode[1:] != episode[:-1]
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, torch.full_like(idx, n)), [0]), 0).values, [0])
+    return FrameData(state, action, env_state, images, episode, start, end)
+
+
+class Windows:
+    """Observation / action windows around frame indices, edge-padded like LeRobot's dataset."""
+
+    def __init__(self, data: FrameData, n_obs_steps: int, horizon: int):
+        self.data = data
+        self.obs_offsets = torch.arange(1 - n_obs_steps, 1)
+        self.act_offsets = torch.arange(1 - n_obs_steps, 1 - n_obs_steps + horizon)
+
+    def _clamp(self, index: torch.Tensor, offsets: torch.Tensor):
+        raw = index[:, None] + offsets[None]
+        lo, hi = self.data.start[index][:, None], self.data.end[index][:, None]
+        return raw.clamp(min=lo, max=hi), (raw < lo) | (raw > hi)
+
+    def obs(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows, _ = self._clamp(index, self.obs_offsets)
+        out = {STATE_KEY: self.data.state[rows]}
+        if self.data.env_state is not None:
+            out[ENV_STATE_KEY] = self.data.env_state[rows]
+        for cam, img in self.data.images.items():
+            out[IMAGE_PREFIX + cam] = img[rows]
+        return out
+
+    def action(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pad = self._clamp(index, self.act_offsets)
+        return self.data.action[rows], pad
+
+
+def sample_indices(data: FrameData, drop_last: int, episodes: set[int] | None = None) -> torch.Tensor:
+    """Frames that start a training window (the last ``drop_last`` of each episode are mostly padding)."""
+    idx = torch.arange(len(data.episode))
+    keep = idx <= data.end - drop_last
+    if episodes is not None:
+        keep &= torch.tensor([int(e) in episodes for e in data.episode])
+    return idx[keep]
+
+
+def _fit_normalizer(backbone: Backbone, data: FrameData) -> None:
+    sample = None
+    if data.images:
+        cam = next(iter(data.images))
+        sample = data.images[cam][:: max(1, len(data.episode) // 2000)]
+    backbone.normalizer.fit(data.state, data.action, data.env_state, sample)
+
+
+# ---------------------------------------------------------------- train-policy
+@dataclass
+class TrainPolicyConfig:
+    dataset: str
+    out: str
+    task: str = "pusht"
+    preset: str = "pusht_state"
+    obs_type: str = "state"  # "state": agent_pos + environment_state; "pixels": agent_pos + images
+    steps: int = 20000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = 500
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    log_every: int = 50
+    save_every: int = 1000
+    eval_every: int = 5000  # 0 disables the periodic rollout score
+    eval_episodes: int = 5
+    eval_method: str = "ddim:8"
+    eval_seed_start: int = 100_000  # outside the usual collection seeds
+    eval_max_steps: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def _make_ema(model: torch.nn.Module, cfg: TrainPolicyConfig):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power)
+
+
+def _ema_backbone(backbone: Backbone, ema) -> Backbone:
+    averaged = copy.deepcopy(backbone)
+    ema.copy_to(averaged.parameters())
+    return averaged.eval()
+
+
+def _rollout_score(backbone: Backbone, cfg: TrainPolicyConfig) -> dict:
+    from agents.factory import make_agent
+    from step_envs.registry import make_env
+    from step_envs.rollout import rollout, summarize
+
+    env = make_env(cfg.task, obs_type="state" if cfg.obs_type == "state" else "pixels")
+    try:
+        agent = make_agent(cfg.eval_method, env, task=cfg.task, backbone=backbone, seed=cfg.seed)
+        seeds = range(cfg.eval_seed_start, cfg.eval_seed_start + cfg.eval_episodes)
+        summary = summarize(rollout(env, agent, seeds, progress=False, max_steps=cfg.eval_max_steps))
+    finally:
+        env.close()
+    return {k: summary[k] for k in ("episodes", "success_rate", "mean_max_reward", "mean_length")}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_policy(cfg: TrainPolicyConfig) -> dict:
+    """Train (or resume) a Diffusion Policy backbone; returns a summary dict."""
+    from diffusers.optimization import get_scheduler
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"Unknown preset {cfg.preset!r}: {', '.join(PRESETS)}")
+    if cfg.obs_type not in ("state", "pixels"):
+        raise ValueError("obs_type must be 'state' or 'pixels'")
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state")
+    if cfg.obs_type == "pixels" and not data.images:
+        raise ValueError(f"Dataset {cfg.dataset} has no images; use --obs-type state.")
+    if cfg.obs_type == "state" and data.env_state is None:
+        raise ValueError(f"Dataset {cfg.dataset} has no {ENV_STATE_KEY}; use --obs-type pixels.")
+    features = data.features()
+    policy_cfg = PRESETS[cfg.preset]
+    backbone = Backbone(policy_cfg, features)
+    _fit_normalizer(backbone, data)
+    windows = Windows(data, policy_cfg.n_obs_steps, policy_cfg.horizon)
+    drop = policy_cfg.horizon - policy_cfg.n_action_steps - policy_cfg.n_obs_steps + 1
+    indices = sample_indices(data, drop)
+    if len(indices) == 0:
+        raise ValueError("Dataset too small: no training windows.")
+
+    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    ema = _make_ema(backbone, cfg)
+    step = 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    resumed = load_training_state(out)
+    if resumed is not None:
+        tensors, meta = resumed
+        if meta.get("fingerprint") != policy_fingerprint(backbone):
+            raise ValueError(f"{out} holds a run on another dataset/config; choose another --out.")
+        backbone.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        lr_schedule.load_state_dict(meta["lr_schedule"])
+        ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(ema.shadow_params))]
+        ema.optimization_step = meta["ema_step"]
+        step = meta["step"]
+        generator.set_state(tensors["rng"].to(torch.uint8))
+        print(f"resuming from step {step} in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def save() -> None:
+        averaged = _ema_backbone(backbone, ema)
+        save_policy(out, averaged, cfg.task, cfg.obs_type, extra={"train_step": step, "preset": cfg.preset})
+        tensors = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+        opt_tensors, opt_meta = flatten_optimizer(optimizer)
+        tensors.update(opt_tensors)
+        tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
+        tensors["rng"] = generator.get_state()
+        meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
+                "ema_step": ema.optimization_step, "fingerprint": policy_fingerprint(backbone)}
+        save_training_state(out, tensors, meta)
+
+    backbone.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-policy", unit="step", disable=not cfg.progress)
+    losses: list[float] = []
+    t0 = time.time()
+    last_eval = None
+    while step < cfg.steps:
+        pick = indices[torch.randint(len(indices), (cfg.batch_size,), generator=generator)]
+        action, pad = windows.action(pick)
+        loss = backbone.loss(windows.obs(pick), action, pad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.model.parameters(), 10.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(backbone.parameters())
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record = {"step": step, "loss": float(np.mean(losses)), "lr": lr_schedule.get_last_lr()[0],
+                      "seconds": round(time.time() - t0, 2)}
+            _append_jsonl(out / "loss.jsonl", record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            losses = []
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save()
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            last_eval = {"step": step, **_rollout_score(_ema_backbone(backbone, ema), cfg)}
+            _append_jsonl(out / "eval.jsonl", last_eval)
+            bar.write(f"step {step}: rollout {last_eval}")
+    bar.close()
+    if resumed is not None and step == resumed[1]["step"]:
+        save()  # nothing left to train: still make sure model.safetensors matches the state
+    return {"out": str(out), "step": step, "eval": last_eval}
+
+
+# ---------------------------------------------------------------- train-predictor
+@dataclass
+class TrainPredictorConfig:
+    policy: str
+    dataset: str
+    out: str | None = None  # default: <policy>/predictor
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    val_fraction: float = 0.1  # held-out episodes for the reported metrics
+    prev_dropout: float = 0.15
+    prev_source: str = "dataset"  # "dataset": action window Ta earlier; "policy": backbone's DDIM chunk there
+    prev_policy_steps: int = 10  # DDIM steps for prev_source="policy"
+    ablation: bool = True  # also train the spatial-only predictor and report it
+    seed: int = 0
+    progress: bool = True
+
+
+def mare(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean action relative error in raw action units: mean over chunks of sum|pred-target| / sum|target|."""
+    num = (pred - target).abs().flatten(1).sum(1)
+    den = target.abs().flatten(1).sum(1).clamp_min(1e-8)
+    return float((num / den).mean())
+
+
+@dataclass
+class PredictorData:
+    cond: torch.Tensor  # (N, C) backbone global condition at each sample frame
+    target: torch.Tensor  # (N, H, A) normalised action window at the frame
+    prev: torch.Tensor  # (N, H, A) normalised chunk planned Ta frames earlier
+    has_prev: torch.Tensor  # (N,) False where Ta frames earlier lies before the episode start
+
+
+def build_predictor_pairs(backbone: Backbone, data: FrameData, index: torch.Tensor, cfg: TrainPredictorConfig,
+                          batch: int = 512) -> PredictorData:
+    """Truly shifted pairs: the input chunk is the one planned Ta env steps BEFORE the target's frame.
+
+    Never a slice of the target window (the public STEP code's leak). With prev_source="dataset" it is
+    the demonstration's action window starting Ta frames earlier; with "policy" it is the backbone's
+    own DDIM chunk for the observation Ta frames earlier (what the agent really feeds the predictor).
+    """
+    from agents.samplers import DDIMSampler, ScheduleConfig
+
+    pc = backbone.cfg
+    shift = pc.n_action_steps
+    windows = Windows(data, pc.n_obs_steps, pc.horizon)
+    earlier = (index - shift).clamp(min=data.start[index])
+    has_prev = (index - shift) >= data.start[index]
+    sampler = DDIMSampler(cfg.prev_policy_steps, ScheduleConfig.from_policy(pc)) if cfg.prev_source == "policy" else None
+    conds, targets, prevs = [], [], []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.inference_mode():
+        for s in range(0, len(index), batch):
+            i, e = index[s : s + batch], earlier[s : s + batch]
+            conds.append(backbone.global_cond(windows.obs(i)))
+            targets.append(backbone.normalizer.action(windows.action(i)[0]))
+            if sampler is None:
+                prevs.append(backbone.normalizer.action(windows.action(e)[0]))
+            else:
+                noise = torch.randn((len(e), *backbone.action_shape), generator=gen)
+                prevs.append(sampler.run(backbone.denoise, backbone.global_cond(windows.obs(e)), noise))
+    return PredictorData(torch.cat(conds).clone(), torch.cat(targets).clone(), torch.cat(prevs).clone(), has_prev)
+
+
+def _fit_predictor(model: Predictor, train: PredictorData, cfg: TrainPredictorConfig, desc: str) -> None:
+    from diffusers.optimization import get_scheduler
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not cfg.progress)
+    for _ in bar:
+        pick = torch.randint(len(train.cond), (cfg.batch_size,), generator=generator)
+        has_prev = train.has_prev[pick] & (torch.rand(len(pick), generator=generator) >= model.cfg.prev_dropout)
+        pred = model(train.cond[pick], train.prev[pick], has_prev)
+        loss = torch.nn.functional.mse_loss(pred, train.target[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.5f}", refresh=False)
+    model.eval()
+
+
+def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str, Predictor | None]) -> dict:
+    """MSE (normalised) and MARE (raw units) on held-out pairs that have a previous chunk."""
+    mask = val.has_prev
+    target = val.target[mask]
+    raw_target = backbone.normalizer.unnormalize_action(target)
+    results = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            if model is None:  # temporal only: reuse the previous chunk shifted by Ta
+                pred = shift_chunk(val.prev[mask], backbone.cfg.n_action_steps)
+            else:
+                pred = model(val.cond[mask], val.prev[mask])
+            results[name] = {
+                "mse": float(torch.nn.functional.mse_loss(pred, target)),
+                "mare": mare(backbone.normalizer.unnormalize_action(pred), raw_target),
+            }
+        if "predictor" in models and models["predictor"] is not None:  # first-call mode
+            pred = models["predictor"](val.cond[mask], None)
+            results["predictor_no_history"] = {
+                "mse": float(torch.nn.functional.mse_loss(pred, target)),
+                "mare": mare(backbone.normalizer.unnormalize_action(pred), raw_target),
+            }
+    results["pairs"] = int(mask.sum())
+    return results
+
+
+def train_predictor(cfg: TrainPredictorConfig) -> dict:
+    if cfg.prev_source not in ("dataset", "policy"):
+        raise ValueError("prev_source must be 'dataset' or 'policy'")
+    torch.manual_seed(cfg.seed)
+    backbone, policy_config = load_policy(cfg.policy)
+    out = Path(cfg.out) if cfg.out else Path(cfg.policy) / "predictor"
+    data = load_frames(cfg.dataset, use_images=bool(backbone.features.cameras),
+                       use_env_state=bool(backbone.features.env_state_dim))
+    if dataclasses.asdict(data.features()) != dataclasses.asdict(backbone.features):
+        raise ValueError(f"Dataset features {dataclasses.asdict(data.features())} do not match the policy's "
+                         f"{dataclasses.asdict(backbone.features)}.")
+    pc = backbone.cfg
+    drop = pc.horizon - pc.n_action_steps - pc.n_obs_steps + 1
+    episodes = list(range(data.num_episodes))
+    n_val = max(1, round(len(episodes) * cfg.val_fraction)) if len(episodes) > 1 and cfg.val_fraction > 0 else 0
+    val_eps = set(episodes[len(episodes) - n_val :])
+    train_eps = set(episodes) - val_eps
+    train = build_predictor_pairs(backbone, data, sample_indices(data, drop, train_eps), cfg)
+    val = build_predictor_pairs(backbone, data, sample_indices(data, drop, val_eps or train_eps), cfg)
+
+    base = dict(horizon=pc.horizon, action_dim=backbone.features.action_dim, n_obs_steps=pc.n_obs_steps,
+                cond_dim=train.cond.shape[1], shift=pc.n_action_steps, prev_dropout=cfg.prev_dropout)
+    model = Predictor(PredictorConfig(**base))
+    _fit_predictor(model, train, cfg, "train-predictor")
+    models: dict[str, Predictor | None] = {"predictor": model, "temporal_only": None}
+    if cfg.ablation:
+        spatial = Predictor(PredictorConfig(**{**base, "use_prev": False, "prev_dropout": 0.0}))
+        _fit_predictor(spatial, train, cfg, "spatial-only ablation")
+        models["spatial_only"] = spatial
+    metrics = evaluate_predictors(backbone, val, models)
+    metrics["validation_episodes"] = sorted(val_eps) if val_eps else "none (train episodes reused)"
+    params = sum(p.numel() for p in model.parameters())
+    save_predictor(out, model, backbone, extra={
+        "policy_checkpoint": str(Path(cfg.policy).resolve()), "metrics": metrics, "parameters": params,
+        "train_config": dataclasses.asdict(cfg),
+    })
+    return {"out": str(out), "parameters": params, "metrics": metrics}

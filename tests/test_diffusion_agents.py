@@ -1,0 +1,144 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from agents.checkpoint import load_policy, save_policy
+from agents.factory import make_agent
+from step_envs.registry import make_env
+
+
+@pytest.fixture()
+def env():
+    e = make_env("pusht", obs_type="state")
+    yield e
+    e.close()
+
+
+def run_steps(env, agent, seed, n):
+    obs, _ = env.reset(seed=seed)
+    agent.reset()
+    actions = []
+    for _ in range(n):
+        a = agent.act(obs)
+        actions.append(a)
+        obs, *_ = env.step(a)
+    return np.stack(actions)
+
+
+@pytest.mark.parametrize("method", ["ddim:2", "dpmsolver:2", "step:2"])
+def test_cache_replans_every_8_steps(env, tiny_checkpoint, method):
+    agent = make_agent(method, env, task="pusht", checkpoint=str(tiny_checkpoint))
+    actions = run_steps(env, agent, 0, 17)
+    assert actions.shape == (17, 2) and actions.dtype == np.float32
+    assert agent.n_replans == 3  # steps 0, 8, 16
+    assert np.all(actions >= 0) and np.all(actions <= 512)
+
+
+def test_ddpm_agent(env, tiny_checkpoint):
+    agent = make_agent("ddpm", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    assert agent.sampler.steps == 100
+    assert run_steps(env, agent, 0, 2).shape == (2, 2)
+
+
+@pytest.mark.parametrize("method", ["ddim:2", "step:2"])
+def test_batched_equals_single(tiny_checkpoint, method):
+    vec = make_env("pusht", obs_type="state", num_envs=2)
+    single = make_env("pusht", obs_type="state")
+    try:
+        agent = make_agent(method, vec, task="pusht", checkpoint=str(tiny_checkpoint), seed=5)
+        obs, _ = vec.reset(seed=[0, 1])
+        agent.reset()
+        batched = []
+        for _ in range(12):
+            a = agent.act(obs)
+            assert a.shape == (2, 2)
+            batched.append(a)
+            obs, *_ = vec.step(a)
+        batched = np.stack(batched)
+        for row in range(2):
+            one = make_agent(method, single, task="pusht", checkpoint=str(tiny_checkpoint), seed=5 + row)
+            np.testing.assert_allclose(run_steps(single, one, row, 12), batched[:, row], atol=1e-2)
+    finally:
+        vec.close()
+        single.close()
+
+
+def test_same_seed_same_actions(env, tiny_checkpoint):
+    agent = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=3)
+    np.testing.assert_array_equal(run_steps(env, agent, 4, 10), run_steps(env, agent, 4, 10))
+
+
+def test_step_first_call_noise_and_stall_options(env, tiny_checkpoint):
+    agent = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), first_call="noise",
+                       stall={"eps": 10.0, "sigma_stall": 0.5, "lam_stall": 0.5})
+    run_steps(env, agent, 0, 9)
+    assert agent.stall.stalled(1).all()  # eps=10 flags every chunk pair as stalled
+    with pytest.raises(ValueError):
+        make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), first_call="bogus")
+
+
+def test_bad_observations_raise(env, tiny_checkpoint):
+    agent = make_agent("ddim:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    obs, _ = env.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        agent.act({**obs, "agent_pos": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="NaN"):
+        agent.act({**obs, "environment_state": np.full(16, np.nan, np.float32)})
+    with pytest.raises(ValueError, match="lacks"):
+        agent.act({"agent_pos": obs["agent_pos"]})
+
+
+def test_actions_are_clipped(env, tiny_checkpoint):
+    backbone, _ = load_policy(tiny_checkpoint)
+    backbone.normalizer.action_min.fill_(-5000.0)
+    backbone.normalizer.action_max.fill_(5000.0)
+    agent = make_agent("ddim:2", env, task="pusht", backbone=backbone)
+    actions = run_steps(env, agent, 0, 8)
+    assert np.all(actions >= 0) and np.all(actions <= 512)
+
+
+def test_checkpoint_round_trip(tiny_checkpoint, tmp_path):
+    backbone, config = load_policy(tiny_checkpoint)
+    save_policy(tmp_path / "copy", backbone, config["task"], config["obs_type"])
+    again, _ = load_policy(tmp_path / "copy")
+    for (k, a), (_, b) in zip(backbone.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list((tmp_path / "copy").glob("*.pt")) and not list((tmp_path / "copy").glob("*.pkl"))
+
+
+def test_checkpoint_refusals(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        load_policy(tiny_checkpoint, task="lift")
+    pixels = make_env("pusht", obs_type="pixels")
+    try:
+        with pytest.raises(ValueError, match="expects"):
+            make_agent("ddim:2", pixels, task="pusht", checkpoint=str(tiny_checkpoint))
+    finally:
+        pixels.close()
+    # a checkpoint edited to another action shape is refused by an env with 2-D actions
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other, ignore=shutil.ignore_patterns("predictor", "training_state*"))
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["features"]["action_dim"] = 7
+    (other / "config.json").write_text(json.dumps(cfg))
+    env = make_env("pusht", obs_type="state")
+    try:
+        with pytest.raises(ValueError, match="expects"):
+            make_agent("ddim:2", env, task="pusht", checkpoint=str(other))
+        with pytest.raises(ValueError, match="needs --checkpoint"):
+            make_agent("ddim:2", env, task="pusht")
+        assert make_agent("random", env).act(None).shape == (2,)
+    finally:
+        env.close()
+
+
+def test_predictor_refuses_other_policy(tiny_checkpoint):
+    from agents.checkpoint import load_predictor
+
+    backbone, _ = load_policy(tiny_checkpoint)
+    backbone.normalizer.action_max.add_(1.0)
+    with pytest.raises(ValueError, match="another policy"):
+        load_predictor(tiny_checkpoint / "predictor", backbone)
