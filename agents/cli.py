@@ -10,8 +10,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("agents.commands.collect", "make demonstrations with a scripted expert (LeRobotDataset)"),
     "eval": ("agents.commands.evaluate", "evaluate an agent on seeded episodes, with videos"),
+    "record": ("agents.commands.record", "record SO-101 demonstrations (leader arm or expert) to LeRobotDataset"),
     "train-policy": ("agents.commands.train_policy", "train the diffusion backbone (resumable, EMA, rollout score)"),
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
+    "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
     "latency": ("agents.commands.latency", "batch-1 chunk latency per method beside the one-NFE time"),
 }
 

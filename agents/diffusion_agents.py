@@ -28,13 +28,23 @@ import torch
 from torch import Tensor
 
 from agents.backbone import Backbone
-from agents.predictor import Predictor
+from agents.predictor import Predictor, shift_chunk
 from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler, randn
 from agents.stall import StallConfig, StallDetector
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
 DEFAULT_STEPS = {"ddpm": 100, "ddim": 4, "dpmsolver": 4, "step": 2}
 FIRST_CALL_MODES = ("predictor", "noise")
+# Where STEP's warm start comes from (the paper's Table 16 consistency ablation):
+#   predictor: f(o_t, A_{t-1}), spatiotemporal (STEP);  spatial: f(o_t) only, the previous chunk is never
+#   shown;  temporal: the previous chunk shifted by Ta, no predictor (first call of an episode: noise).
+WARM_SOURCES = ("predictor", "spatial", "temporal")
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """"step-spatial" -> ("step", "spatial"); plain names use the predictor warm start."""
+    method, _, warm_source = name.partition("-")
+    return method, warm_source or "predictor"
 
 
 @dataclass
@@ -43,6 +53,7 @@ class AgentConfig:
     steps: int = 4
     seed: int = 0
     first_call: str = "predictor"  # STEP only, see module docstring
+    warm_source: str = "predictor"  # STEP only, see WARM_SOURCES
     stall: StallConfig = field(default_factory=StallConfig)
 
 
@@ -51,7 +62,9 @@ class DiffusionAgent:
                  predictor: Predictor | None = None):
         if cfg.method not in DEFAULT_STEPS:
             raise ValueError(f"Unknown diffusion method {cfg.method!r}: {', '.join(DEFAULT_STEPS)}")
-        if cfg.method == "step" and predictor is None:
+        if cfg.warm_source not in WARM_SOURCES:
+            raise ValueError(f"warm_source must be one of {WARM_SOURCES}, got {cfg.warm_source!r}")
+        if cfg.method == "step" and predictor is None and cfg.warm_source != "temporal":
             raise ValueError("STEP needs a trained predictor (`step train-predictor`).")
         if cfg.first_call not in FIRST_CALL_MODES:
             raise ValueError(f"first_call must be one of {FIRST_CALL_MODES}, got {cfg.first_call!r}")
@@ -66,9 +79,10 @@ class DiffusionAgent:
             raise ValueError("n_action_steps must be <= horizon - n_obs_steps + 1")
         self.sampler: Sampler = make_sampler(cfg.method, cfg.steps, ScheduleConfig.from_policy(pc))
         self.predictor = predictor.eval() if predictor is not None else None
-        if cfg.method == "step":
+        if cfg.method == "step" and predictor is not None:
             if predictor.cfg.shift != pc.n_action_steps or predictor.cfg.horizon != pc.horizon:
                 raise ValueError("Predictor horizon/shift do not match the policy's horizon/n_action_steps.")
+        if cfg.method == "step":
             assert isinstance(self.sampler, DDIMSampler)
             self.warm = WarmStart(self.sampler)
             self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)
@@ -135,10 +149,14 @@ class DiffusionAgent:
         if self.cfg.method != "step":
             return self.sampler.sample(denoise, cond, shape, self.generators)
         prev = self.prev_chunk
-        if prev is None and self.cfg.first_call == "noise":
+        source = self.cfg.warm_source
+        if prev is None and (self.cfg.first_call == "noise" or source == "temporal"):
             chunk = self.sampler.sample(denoise, cond, shape, self.generators)
         else:
-            pred = self.predictor(cond, prev)
+            if source == "temporal":
+                pred = shift_chunk(prev, self.backbone.cfg.n_action_steps)
+            else:
+                pred = self.predictor(cond, prev if source == "predictor" else None)
             lam, sigma, _ = self.stall.coefficients(self.rows)
             chunk = self.warm.sample(denoise, cond, pred, self.generators, lam=lam, sigma=sigma, perturb=self.perturb)
         self.stall.update(prev, chunk)

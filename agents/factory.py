@@ -44,7 +44,7 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
     raise ValueError(f"Unknown method {name!r}. Known: expert, random, {', '.join(DIFFUSION_METHODS)}.")
 
 
-DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver", "step")
+DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver", "step", "step-spatial", "step-temporal")
 
 
 def _env_task(env) -> str | None:
@@ -68,10 +68,12 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
     dict of its fields. ``backbone`` / ``predictor_model``: already-loaded modules (tests, benchmarks).
     """
     from agents.checkpoint import features_from_spaces, find_predictor, load_policy, load_predictor
-    from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent
+    from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent, split_method
     from agents.stall import StallConfig
 
     obs_space, action_space, batch = _single_spaces(env)
+    # "step-spatial" / "step-temporal": STEP with the warm start of the consistency ablation (Table 16).
+    name, warm_source = split_method(name)
     steps = steps or DEFAULT_STEPS[name]
     if name == "ddpm" and steps != 100:
         raise ValueError("DDPM runs every training timestep: use 'ddpm' or 'ddpm:100'.")
@@ -80,12 +82,13 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
             raise ValueError(f"Method {name!r} needs --checkpoint (a `step train-policy` output folder).")
         backbone, _ = load_policy(checkpoint, task=task or _env_task(env), features=features_from_spaces(obs_space, action_space))
     model = predictor_model
-    if name == "step" and model is None:
+    if name == "step" and model is None and warm_source != "temporal":
         path = predictor or (find_predictor(checkpoint) if checkpoint else None)
         if path is None:
             raise ValueError("STEP needs a predictor: pass predictor=DIR or train one into <checkpoint>/predictor.")
         model, _ = load_predictor(path, backbone)
     if isinstance(stall, dict):
         stall = StallConfig(**stall)
-    cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call, stall=stall or StallConfig())
+    cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call,
+                      warm_source=warm_source, stall=stall or StallConfig())
     return DiffusionAgent(backbone, cfg, action_space, batch_size=batch, predictor=model)

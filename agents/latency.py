@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
-from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent
+from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent, split_method
 from agents.predictor import Predictor, PredictorConfig
 
 
@@ -76,9 +76,10 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
     rows = []
     for spec in cfg.methods:
         name, steps = parse_method(spec)
-        steps = steps or DEFAULT_STEPS[name]
-        agent = DiffusionAgent(backbone, AgentConfig(method=name, steps=steps, seed=cfg.seed), action_space,
-                               predictor=predictor if name == "step" else None)
+        method, warm_source = split_method(name)
+        steps = steps or DEFAULT_STEPS[method]
+        agent = DiffusionAgent(backbone, AgentConfig(method=method, steps=steps, seed=cfg.seed, warm_source=warm_source),
+                               action_space, predictor=predictor if method == "step" else None)
         nfe = time_nfe(backbone, history, cfg.nfe_calls)
         agent.reset()
         for _ in range(cfg.warmup):

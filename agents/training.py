@@ -162,6 +162,7 @@ class TrainPolicyConfig:
     eval_seed_start: int = 100_000  # outside the usual collection seeds
     eval_max_steps: int | None = None
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default. 1 avoids OpenMP stalls on a shared machine
     progress: bool = True
 
 
@@ -203,6 +204,8 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
 
     if cfg.preset not in PRESETS:
         raise ValueError(f"Unknown preset {cfg.preset!r}: {', '.join(PRESETS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.obs_type not in ("state", "pixels"):
         raise ValueError("obs_type must be 'state' or 'pixels'")
     out = Path(cfg.out)
@@ -309,6 +312,7 @@ class TrainPredictorConfig:
     prev_policy_steps: int = 10  # DDIM steps for prev_source="policy"
     ablation: bool = True  # also train the spatial-only predictor and report it
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True
 
 
@@ -409,6 +413,8 @@ def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str
 def train_predictor(cfg: TrainPredictorConfig) -> dict:
     if cfg.prev_source not in ("dataset", "policy"):
         raise ValueError("prev_source must be 'dataset' or 'policy'")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone, policy_config = load_policy(cfg.policy)
     out = Path(cfg.out) if cfg.out else Path(cfg.policy) / "predictor"

@@ -28,6 +28,41 @@ TASKS: dict[str, TaskSpec] = {
         max_episode_steps=300,
         fps=10,
     ),
+    # SO-ARM101 (hardware/so101_env.py): 30 Hz like LeRobot recording, 450 steps = 15 s per episode.
+    "so101-pickplace-sim": TaskSpec(
+        name="so101-pickplace-sim",
+        env_id="step/SO101-PickPlace-Sim-v0",
+        entry_point="hardware.so101_env:SO101Env",
+        max_episode_steps=450,
+        fps=30,
+        kwargs={"task": "pickplace", "robot": "twin"},
+    ),
+    "so101-stackcube-sim": TaskSpec(
+        name="so101-stackcube-sim",
+        env_id="step/SO101-StackCube-Sim-v0",
+        entry_point="hardware.so101_env:SO101Env",
+        max_episode_steps=450,
+        fps=30,
+        kwargs={"task": "stackcube", "robot": "twin"},
+    ),
+    "so101-pickplace": TaskSpec(
+        name="so101-pickplace",
+        env_id="step/SO101-PickPlace-v0",
+        entry_point="hardware.so101_env:SO101Env",
+        max_episode_steps=450,
+        fps=30,
+        real_hardware=True,
+        kwargs={"task": "pickplace", "robot": "real"},
+    ),
+    "so101-stackcube": TaskSpec(
+        name="so101-stackcube",
+        env_id="step/SO101-StackCube-v0",
+        entry_point="hardware.so101_env:SO101Env",
+        max_episode_steps=450,
+        fps=30,
+        real_hardware=True,
+        kwargs={"task": "stackcube", "robot": "real"},
+    ),
 }
 
 

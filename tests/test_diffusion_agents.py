@@ -80,6 +80,27 @@ def test_step_first_call_noise_and_stall_options(env, tiny_checkpoint):
         make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), first_call="bogus")
 
 
+def test_consistency_ablation_warm_sources(env, tiny_checkpoint):
+    """Table 16's variants: temporal reuses the shifted previous chunk, spatial never sees it."""
+    from agents.predictor import shift_chunk
+
+    temporal = make_agent("step-temporal:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    assert temporal.predictor is None and temporal.cfg.warm_source == "temporal"
+    run_steps(env, temporal, 0, 9)  # first chunk from noise, second warm-started from the first
+    seen = []
+    spatial = make_agent("step-spatial:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    original = spatial.predictor.forward
+    spatial.predictor.forward = lambda cond, prev=None, **kw: (seen.append(prev), original(cond, prev, **kw))[1]
+    run_steps(env, spatial, 0, 9)
+    assert len(seen) == 2 and all(p is None for p in seen)
+    step = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    step.predictor.forward = lambda cond, prev=None, **kw: (seen.append(prev), original(cond, prev, **kw))[1]
+    seen.clear()
+    run_steps(env, step, 0, 9)
+    assert seen[0] is None and seen[1] is not None
+    assert shift_chunk(seen[1], 8).shape == seen[1].shape
+
+
 def test_bad_observations_raise(env, tiny_checkpoint):
     agent = make_agent("ddim:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
     obs, _ = env.reset(seed=0)

@@ -21,7 +21,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--video", default=None, help="folder for mp4 videos")
     parser.add_argument("--num-videos", type=int, default=2, help="videos of the first N episodes")
     parser.add_argument("--json", default=None, help="write per-episode results here")
-    parser.add_argument("--env-id", default=None, help="override the env id (e.g. a real-arm id)")
+    # Real arm (tasks so101-pickplace / so101-stackcube): only these change between twin and arm.
+    parser.add_argument("--port", default=None, help="real arm: serial port of the follower, e.g. /dev/ttyACM0")
+    parser.add_argument("--camera", default=None, help="real arm: OpenCV camera index or device path")
+    parser.add_argument("--env-kwargs", default=None, help='extra env keyword arguments as JSON, e.g. \'{"robot_id": "arm1"}\'')
+
+
+def env_kwargs_from_args(args) -> dict:
+    """Keyword arguments for the env: --env-kwargs JSON plus --port/--camera when given."""
+    kwargs = {}
+    if args.env_kwargs:
+        try:
+            kwargs = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError("--env-kwargs must be a JSON object")
+    if args.port is not None:
+        kwargs["port"] = args.port
+    if args.camera is not None:
+        kwargs["camera"] = int(args.camera) if args.camera.isdigit() else args.camera
+    return kwargs
 
 
 def run(args) -> int:
@@ -29,7 +49,7 @@ def run(args) -> int:
     if args.episodes < 1:
         raise ValueError("--episodes must be at least 1")
     num_envs = None if args.num_envs <= 1 else args.num_envs
-    env = make_env(args.task, obs_type=args.obs_type, num_envs=num_envs)
+    env = make_env(args.task, obs_type=args.obs_type, num_envs=num_envs, **env_kwargs_from_args(args))
     try:
         agent = make_agent(args.agent, env, task=spec.name, checkpoint=args.checkpoint)
         seeds = range(args.seed_start, args.seed_start + args.episodes)

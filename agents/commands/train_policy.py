@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
     parser.add_argument("--eval-method", default=d.eval_method)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
 
 
 def run(args) -> int:
@@ -32,7 +33,7 @@ def run(args) -> int:
         dataset=args.dataset, out=args.out, task=args.task, preset=args.preset, obs_type=args.obs_type,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         save_every=args.save_every, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-        eval_method=args.eval_method, seed=args.seed,
+        eval_method=args.eval_method, seed=args.seed, threads=args.threads,
     )
     print(json.dumps(train_policy(cfg), indent=2))
     return 0

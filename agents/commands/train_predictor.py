@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
                         help="previous chunk: demo window Ta steps earlier, or the backbone's own chunk there")
     parser.add_argument("--no-ablation", action="store_true", help="skip the spatial-only predictor")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
 
 
 def run(args) -> int:
@@ -28,7 +29,7 @@ def run(args) -> int:
     cfg = TrainPredictorConfig(
         policy=args.policy, dataset=args.dataset, out=args.out, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, val_fraction=args.val_fraction, prev_source=args.prev_source, ablation=not args.no_ablation,
-        seed=args.seed,
+        seed=args.seed, threads=args.threads,
     )
     print(json.dumps(train_predictor(cfg), indent=2))
     return 0

@@ -41,4 +41,15 @@ def make_expert(task: str, env, seed: int = 0) -> ExpertAgent:
         from step_envs.experts.pusht_expert import PushTExpert
 
         return ExpertAgent([PushTExpert(e.unwrapped.sim, seed=seed) for e in envs], batched)
+    if task.startswith("so101-"):
+        if not task.endswith("-sim"):
+            raise ValueError(f"No scripted expert for the real arm ({task!r}): it needs object poses. "
+                             "Use the twin (so101-*-sim) or teleoperate with `step record --teleop`.")
+        from hardware.so101_expert import SO101Expert
+
+        return ExpertAgent([SO101Expert(e.unwrapped, seed=seed) for e in envs], batched)
+    if task in ("lift", "can", "square", "transport", "toolhang"):
+        from step_envs.experts.robomimic_experts import make_robomimic_expert
+
+        return ExpertAgent([make_robomimic_expert(task, e.unwrapped) for e in envs], batched)
     raise ValueError(f"No scripted expert for task {task!r}.")

@@ -27,17 +27,28 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_episode(seed: int, horizon: int = 300) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set name=value` pairs for PushTExpertConfig, values parsed as Python literals."""
+    import ast
+
+    overrides = {}
+    for pair in pairs:
+        name, value = pair.split("=", 1)
+        overrides[name] = ast.literal_eval(value)
+    return overrides
+
+
+def run_episode(seed: int, horizon: int = 300, overrides: dict | None = None) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
     from gym_pusht.envs.pusht import PushTEnv
 
-    from step_envs.experts.pusht_expert import PushTExpert
+    from step_envs.experts.pusht_expert import PushTExpert, PushTExpertConfig
 
     sim = PushTEnv(obs_type="state")
     sim.reset(seed=seed)
-    expert = PushTExpert(sim, seed=seed)
+    expert = PushTExpert(sim, PushTExpertConfig(**(overrides or {})), seed=seed)
     expert.reset()
     start = time.perf_counter()
     max_coverage, success, steps = 0.0, False, 0
@@ -60,14 +71,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-49", help="e.g. 0-49 or 1,5,7")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--good-coverage", type=float, default=0.9, help="max coverage of a usable demonstration")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="config override")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set)
     seeds = parse_seeds(args.seeds)
     wall_start = time.perf_counter()
     if args.workers > 1:
         with Pool(args.workers) as pool:
-            results = pool.map(run_episode, seeds, chunksize=1)
+            results = pool.starmap(run_episode, [(s, 300, overrides) for s in seeds], chunksize=1)
     else:
-        results = [run_episode(s) for s in seeds]
+        results = [run_episode(s, 300, overrides) for s in seeds]
     wall = time.perf_counter() - wall_start
     coverage = np.array([r["max_coverage"] for r in results])
     seconds = np.array([r["seconds"] for r in results])
@@ -83,6 +96,7 @@ def main() -> None:
         "good_demos_per_cpu_hour": float(good.sum() / seconds.sum() * 3600),
         "wall_seconds": wall,
         "workers": args.workers,
+        "config_overrides": overrides,
         "failed_seeds": [r["seed"] for r in results if not r["success"]],
     }
     print(json.dumps(summary, indent=2))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pymunk
+import shapely
 import shapely.geometry as sg
 from shapely import affinity
 
@@ -38,6 +39,7 @@ T_OUTLINE = np.array(
     [(-60, 0), (60, 0), (60, 30), (15, 30), (15, 120), (-15, 120), (-15, 30), (-60, 30)], dtype=float
 )
 T_POLYGON = sg.Polygon(T_OUTLINE)
+DEFAULT_GOAL_POSE = (256.0, 256.0, np.pi / 4)  # PushTEnv.goal_pose
 
 
 def _t_sample_points() -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +82,7 @@ class PushTExpertConfig:
 
     # --- scoring ---
     coverage_weight_fine: float = 100.0  # in fine mode, cost += weight * (1 - coverage)
+    coverage_error_limit: float = 15.0  # px of pose error above which coverage is not computed (taken as 0)
 
     # --- approach and retreat ---
     path_clearance: float = 2.0  # extra clearance of the disc around the T that paths must keep
@@ -92,6 +95,7 @@ class PushTExpertConfig:
     approach_overhead_steps: int = 5  # settle steps added to each approach estimate
     retreat_distance: float = 20.0  # px the disc backs off along the contact normal after a push
     retreat_steps: int = 2
+    unreachable_penalty: float = 30.0  # px of cost added to pushes without a collision-free approach
     max_approach_steps: int = 40  # abandon an approach (and replan) after this many steps
 
 
@@ -151,14 +155,22 @@ def _body_frame_contacts(spacing: float, inset: float, radius: float, gap: float
     return feasible
 
 
+def _ignore_contact(arbiter, space, data) -> None:
+    return None
+
+
 class _World:
     """A private copy of the live pymunk space that can be reset to a state and stepped like the env."""
 
     def __init__(self, sim, config: PushTExpertConfig):
-        # The live space holds a collision handler bound to the env; map the env to a stand-in so the
-        # deep copy neither drags the env (with its pygame objects) along nor touches it.
-        stand_in = types.SimpleNamespace(n_contact_points=0)
-        self.space = copy.deepcopy(sim.space, memo={id(sim): stand_in})
+        # The live space holds a collision handler bound to the env (it counts contacts). Map the env to a
+        # stand-in and the callback to a no-op, so the deep copy neither drags the env (with its pygame
+        # objects) along nor touches it, and rollouts skip the costly contact counting.
+        memo = {id(sim): types.SimpleNamespace(n_contact_points=0)}
+        handler = getattr(sim, "collision_handeler", None)  # (sic) attribute name in gym-pusht
+        if handler is not None and getattr(handler, "_post_solve", None) is not None:
+            memo[id(handler._post_solve)] = _ignore_contact
+        self.space = copy.deepcopy(sim.space, memo=memo)
         self.agent = next(b for b in self.space.bodies if b.body_type == pymunk.Body.KINEMATIC)
         self.block = next(b for b in self.space.bodies if b.body_type == pymunk.Body.DYNAMIC)
         self.config = config
@@ -183,17 +195,27 @@ class _World:
     def step(self, action: np.ndarray) -> None:
         """One env step: the PD law of PushTEnv.step on the kinematic agent, then the physics substeps."""
         cfg = self.config
-        target = pymunk.Vec2d(float(action[0]), float(action[1]))
+        agent, space = self.agent, self.space
+        tx, ty = float(action[0]), float(action[1])
+        k_p, k_v, dt = cfg.k_p, cfg.k_v, cfg.dt
         for _ in range(cfg.substeps):
-            acceleration = cfg.k_p * (target - self.agent.position) - cfg.k_v * self.agent.velocity
-            self.agent.velocity += acceleration * cfg.dt
-            self.space.step(cfg.dt)
+            (px, py), (vx, vy) = agent.position, agent.velocity
+            # Same arithmetic, in the same order, as PushTEnv.step, on plain floats for speed.
+            ax, ay = k_p * (tx - px) + k_v * (0.0 - vx), k_p * (ty - py) + k_v * (0.0 - vy)
+            agent.velocity = (vx + ax * dt, vy + ay * dt)
+            space.step(dt)
 
     def block_pose(self) -> np.ndarray:
         return np.array([self.block.position.x, self.block.position.y, self.block.angle])
 
 
 class PushTExpert:
+    """Closed-loop push planner for gym-pusht's PushTEnv (the raw env, not a wrapper).
+
+    `seed` is kept for API symmetry with stochastic experts: the planner itself uses no randomness, so
+    its actions are a deterministic function of the sim state.
+    """
+
     def __init__(self, sim, config: PushTExpertConfig | None = None, seed: int = 0):
         self.sim = sim
         self.config = config or PushTExpertConfig()
@@ -211,17 +233,17 @@ class PushTExpert:
 
     def reset(self) -> None:
         """Forget the current plan; call after sim.reset(seed=...)."""
-        goal = np.asarray(self.sim.goal_pose, dtype=float)
+        # goal_pose only exists once the sim has been reset; it is a constant of the env.
+        goal = np.asarray(getattr(self.sim, "goal_pose", DEFAULT_GOAL_POSE), dtype=float)
         self._goal_pose = goal
         self._goal_points = T_POINTS @ _rotation(goal[2]).T + goal[:2]
         self._goal_polygon = self._t_polygon(goal)
-        # Deterministic per (expert seed, env state): only used to break exact ties between candidates.
-        self._rng = np.random.default_rng(self.seed)
         self._queue: list[np.ndarray] = []  # precomputed actions of the current phase
         self._phase = "plan"
         self._push: _Push | None = None
         self._waypoints: list[np.ndarray] = []
         self._phase_steps = 0
+        self._settle_steps = 0
 
     def act(self, obs=None) -> np.ndarray:
         """Next absolute target of the pusher, float32 (2,) in [0, 512]^2. Reads the state from sim."""
@@ -239,8 +261,9 @@ class PushTExpert:
                 self._push = self._plan()
                 if self._push is None:  # nothing useful to do: hold position
                     return np.array(self.sim.agent.position)
-                self._waypoints = self._approach_path(np.array(self.sim.agent.position), self._push.pre_contact)
-                self._phase, self._phase_steps = "approach", 0
+                path = self._approach_path(np.array(self.sim.agent.position), self._push.pre_contact)
+                self._waypoints = path if path is not None else [self._push.pre_contact]
+                self._phase, self._phase_steps, self._settle_steps = "approach", 0, 0
             if self._phase == "approach":
                 action = self._approach_action()
                 if action is not None:
@@ -269,7 +292,7 @@ class PushTExpert:
             return None
         # Near the pre-contact point, wait a bounded number of steps for the disc to settle.
         if np.linalg.norm(agent - final) < cfg.waypoint_tolerance:
-            self._settle_steps = getattr(self, "_settle_steps", 0) + 1
+            self._settle_steps += 1
             if self._settle_steps > cfg.max_settle_steps:
                 self._settle_steps = 0
                 return None
@@ -281,12 +304,10 @@ class PushTExpert:
         """Re-simulate the planned push from the exact live state and return push + retreat actions."""
         push = self._push
         world = _World(self.sim, self.config)
-        start = (np.array(self.sim.agent.position), np.array(self.sim.agent.velocity), _World.block_state_of(self.sim.block))
-        max_steps = max(push.steps + 4, 4)
-        best = self._best_length(world, start, push, max_steps, fine=self._is_fine(self._pose()))
-        if best is None:
-            return []
-        steps, _ = best
+        agent = self.sim.agent
+        start = (np.array(agent.position), np.array(agent.velocity), _World.block_state_of(self.sim.block))
+        # Allow a slightly longer push than planned: the disc rarely starts exactly at the pre-contact point.
+        steps, _ = self._best_length(world, start, push, push.steps + 4, fine=self._is_fine(self._pose()))
         actions = [push.target(k) for k in range(1, steps + 1)]
         return actions + self._retreat_actions(world, start, push, steps)
 
@@ -320,9 +341,16 @@ class PushTExpert:
         rotated = affinity.rotate(T_POLYGON, pose[2], origin=(0, 0), use_radians=True)
         return affinity.translate(rotated, pose[0], pose[1])
 
-    def _coverage(self, pose) -> float:
-        """Same quantity as PushTEnv._get_coverage: overlap of the T with the goal T over the goal area."""
-        return self._t_polygon(pose).intersection(self._goal_polygon).area / self._goal_polygon.area
+    def _coverages(self, poses: np.ndarray) -> np.ndarray:
+        """Same quantity as PushTEnv._get_coverage, for many poses: overlap with the goal T / goal area."""
+        poses = np.atleast_2d(poses)
+        c, s = np.cos(poses[:, 2]), np.sin(poses[:, 2])
+        ox, oy = T_OUTLINE[:, 0], T_OUTLINE[:, 1]
+        x = c[:, None] * ox - s[:, None] * oy + poses[:, 0:1]
+        y = s[:, None] * ox + c[:, None] * oy + poses[:, 1:2]
+        rings = np.stack([x, y], axis=-1)
+        polygons = shapely.polygons(np.concatenate([rings, rings[:, :1]], axis=1))
+        return shapely.area(shapely.intersection(polygons, self._goal_polygon)) / self._goal_polygon.area
 
     def _is_fine(self, pose) -> bool:
         return float(self._pose_error(pose)[0]) < self.config.fine_mode_error
@@ -332,11 +360,17 @@ class PushTExpert:
         error = self._pose_error(poses)
         success = np.zeros(len(poses), dtype=bool)
         cost = error.copy()
-        for i in np.flatnonzero(error < 2 * self.config.fine_mode_error):
-            coverage = self._coverage(poses[i])
-            success[i] = coverage > self.config.success_coverage
+        # Coverage is only worth computing for poses close enough to the goal to matter.
+        near = np.flatnonzero(error < self.config.coverage_error_limit)
+        if len(near):
+            coverage = self._coverages(poses[near])
+            success[near] = coverage > self.config.success_coverage
             if fine:
-                cost[i] += self.config.coverage_weight_fine * (1.0 - coverage)
+                cost[near] += self.config.coverage_weight_fine * (1.0 - coverage)
+        if fine:
+            far = np.ones(len(poses), dtype=bool)
+            far[near] = False
+            cost[far] += self.config.coverage_weight_fine  # counted as no coverage
         return cost, success
 
     def _candidates(self, pose, fine: bool) -> list[_Push]:
@@ -385,14 +419,15 @@ class PushTExpert:
         for push in pushes:
             if agent_start is not None:
                 path = self._approach_path(agent_start, push.pre_contact, graph)
+                penalty = 0.0
+                if path is None:  # no clean path: the disc would go straight, possibly brushing the T
+                    path, penalty = [push.pre_contact], cfg.unreachable_penalty
                 length = sum(np.linalg.norm(b - a) for a, b in zip([agent_start] + path[:-1], path))
                 push.approach_steps = length / cfg.approach_speed_estimate + cfg.approach_overhead_steps
+                push.approach_steps += penalty / cfg.time_cost
             start = (push.pre_contact, np.zeros(2), block_state)
-            best = self._best_length(world, start, push, steps, fine, offset=push.approach_steps)
-            if best is None:
-                continue
-            push.steps, push.cost = best  # the approach time is already in the offset
-        pushes = [p for p in pushes if p.steps > 0]
+            # The approach time enters the cost through the offset.
+            push.steps, push.cost = self._best_length(world, start, push, steps, fine, offset=push.approach_steps)
         pushes.sort(key=lambda p: p.cost)
         return pushes
 
@@ -409,13 +444,13 @@ class PushTExpert:
         return _World.block_state_of(world.block), world.block_pose()
 
     def _plan(self) -> _Push | None:
+        """Choose the next push: simulate all candidates, verify the best few, rank them with lookahead."""
         cfg = self.config
         world = _World(self.sim, cfg)
         pose = self._pose()
         fine = self._is_fine(pose)
         block_state = _World.block_state_of(self.sim.block)
         agent = np.array(self.sim.agent.position)
-        current_cost = float(self._costs(pose[None], fine)[0][0])
         pushes = self._evaluate(world, block_state, pose, fine, agent_start=agent)
         if not pushes:
             return None
@@ -432,10 +467,10 @@ class PushTExpert:
             verified.append((push, state_after))
         verified.sort(key=lambda item: item[0].cost)
         if cfg.lookahead_top_k > 0:
-            verified = self._lookahead(world, verified[: cfg.lookahead_top_k], current_cost)
+            verified = self._lookahead(world, verified[: cfg.lookahead_top_k])
         return verified[0][0]
 
-    def _lookahead(self, world: _World, verified: list, current_cost: float) -> list:
+    def _lookahead(self, world: _World, verified: list) -> list:
         """Re-rank first pushes by the best cost reachable with one more push after them."""
         cfg = self.config
         ranked = []
@@ -456,14 +491,18 @@ class PushTExpert:
 
     # ------------------------------------------------------------------ approach path
 
-    def _obstacle(self, pose, clearance: float):
-        return self._t_polygon(pose).buffer(self.config.agent_radius + clearance, join_style="mitre", mitre_limit=3.0)
+    def _inflated_t(self, pose, clearance: float, join_style: str):
+        distance = self.config.agent_radius + clearance
+        return self._t_polygon(pose).buffer(distance, join_style=join_style, mitre_limit=3.0)
 
     def _visibility_graph(self, pose):
         """Corners of the inflated T and which of them see each other without crossing the T."""
         cfg = self.config
-        obstacle = self._obstacle(pose, cfg.path_clearance)
-        corners = [np.array(p) for p in list(self._obstacle(pose, cfg.waypoint_clearance).exterior.coords)[:-1]]
+        # Round joins: exactly the region the disc centre must avoid (pre-contact points at corners lie just
+        # outside it). Mitre joins for the waypoints: few corners, all clear of the obstacle.
+        obstacle = self._inflated_t(pose, cfg.path_clearance, "round")
+        waypoint_polygon = self._inflated_t(pose, cfg.waypoint_clearance, "mitre")
+        corners = [np.array(p) for p in list(waypoint_polygon.exterior.coords)[:-1]]
         edges = {i: [] for i in range(len(corners))}
         for i in range(len(corners)):
             for j in range(i + 1, len(corners)):
@@ -473,8 +512,8 @@ class PushTExpert:
                     edges[j].append((i, d))
         return obstacle, corners, edges
 
-    def _approach_path(self, start: np.ndarray, goal: np.ndarray, graph=None) -> list[np.ndarray]:
-        """Waypoints from the disc to the pre-contact point that keep the disc off the T."""
+    def _approach_path(self, start: np.ndarray, goal: np.ndarray, graph=None) -> list[np.ndarray] | None:
+        """Waypoints from the disc to the pre-contact point that keep the disc off the T (None: no path)."""
         cfg = self.config
         if graph is None:
             graph = self._visibility_graph(self._pose())
@@ -482,12 +521,18 @@ class PushTExpert:
         path_start = start
         prefix = []
         if obstacle.contains(sg.Point(start)):
-            # The disc is touching the T (e.g. right after a push): first back straight away from it.
+            # The disc is touching the T (e.g. right after a push): first back straight away from the nearest
+            # point of the T, far enough to be clear of every part of it.
             t_poly = self._t_polygon(self._pose())
             nearest = np.array(t_poly.exterior.interpolate(t_poly.exterior.project(sg.Point(start))).coords[0])
             away = start - nearest
+            if np.linalg.norm(away) < 1e-6:
+                away = start - np.array(t_poly.centroid.coords[0])
             away = away / (np.linalg.norm(away) + 1e-9)
-            path_start = np.clip(nearest + away * (cfg.agent_radius + cfg.waypoint_clearance), 0, ARENA_SIZE)
+            for distance in np.arange(cfg.agent_radius + cfg.waypoint_clearance, 4 * cfg.agent_radius, 5.0):
+                path_start = np.clip(nearest + away * distance, 0, ARENA_SIZE)
+                if not obstacle.contains(sg.Point(path_start)):
+                    break
             prefix = [path_start]
 
         def visible(a, b) -> bool:
@@ -497,7 +542,9 @@ class PushTExpert:
             return prefix + [goal]
         # Dijkstra over: 0..n-1 corners, n start, n+1 goal.
         n = len(corners)
-        start_links = [(i, float(np.linalg.norm(c - path_start))) for i, c in enumerate(corners) if visible(path_start, c)]
+        start_links = [
+            (i, float(np.linalg.norm(c - path_start))) for i, c in enumerate(corners) if visible(path_start, c)
+        ]
         goal_links = {i: float(np.linalg.norm(c - goal)) for i, c in enumerate(corners) if visible(c, goal)}
         dist = {n: 0.0}
         previous = {}
@@ -518,7 +565,7 @@ class PushTExpert:
                     previous[nxt] = node
                     heapq.heappush(heap, (nd, nxt))
         if n + 1 not in previous:
-            return prefix + [goal]  # no clean path (e.g. T against a wall): go straight
+            return None
         path = []
         node = previous[n + 1]
         while node != n:
