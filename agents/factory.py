@@ -61,7 +61,7 @@ def _env_task(env) -> str | None:
 
 def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = None, checkpoint: str | None = None,
                          seed: int = 0, predictor: str | None = None, first_call: str = "predictor",
-                         stall=None, backbone=None, predictor_model=None):
+                         stall=None, backbone=None, predictor_model=None, trace_predictor: bool = True):
     """DDPM / DDIM / DPM-Solver++ / STEP on a trained backbone checkpoint.
 
     STEP's predictor: ``predictor=DIR``, else ``<checkpoint>/predictor``. ``stall``: a StallConfig or a
@@ -90,5 +90,5 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
     if isinstance(stall, dict):
         stall = StallConfig(**stall)
     cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call,
-                      warm_source=warm_source, stall=stall or StallConfig())
+                      warm_source=warm_source, stall=stall or StallConfig(), trace_predictor=trace_predictor)
     return DiffusionAgent(backbone, cfg, action_space, batch_size=batch, predictor=model)

@@ -88,17 +88,24 @@ def test_consistency_ablation_warm_sources(env, tiny_checkpoint):
     assert temporal.predictor is None and temporal.cfg.warm_source == "temporal"
     run_steps(env, temporal, 0, 9)  # first chunk from noise, second warm-started from the first
     seen = []
-    spatial = make_agent("step-spatial:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    spatial = make_agent("step-spatial:2", env, task="pusht", checkpoint=str(tiny_checkpoint), trace_predictor=False)
     original = spatial.predictor.forward
     spatial.predictor.forward = lambda cond, prev=None, **kw: (seen.append(prev), original(cond, prev, **kw))[1]
     run_steps(env, spatial, 0, 9)
     assert len(seen) == 2 and all(p is None for p in seen)
-    step = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+    step = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), trace_predictor=False)
     step.predictor.forward = lambda cond, prev=None, **kw: (seen.append(prev), original(cond, prev, **kw))[1]
     seen.clear()
     run_steps(env, step, 0, 9)
     assert seen[0] is None and seen[1] is not None
     assert shift_chunk(seen[1], 8).shape == seen[1].shape
+
+
+def test_traced_predictor_matches_eager(env, tiny_checkpoint):
+    traced = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=1)
+    eager = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=1, trace_predictor=False)
+    np.testing.assert_allclose(run_steps(env, traced, 2, 25), run_steps(env, eager, 2, 25), atol=1e-3)
+    assert traced._traced_predictor is not None and eager._traced_predictor is None
 
 
 def test_bad_observations_raise(env, tiny_checkpoint):

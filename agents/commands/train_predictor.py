@@ -1,35 +1,42 @@
-"""``step train-predictor --policy CKPT --dataset DIR [--out PRED_CKPT]``"""
+"""``step train-predictor --policy CKPT --dataset DIR [--out PRED_CKPT] [--config FILE]``"""
 
 from __future__ import annotations
 
 import json
 
+from agents.config_files import build_config
 from agents.training import TrainPredictorConfig, train_predictor
+
+OPTIONS = {
+    "policy": str, "dataset": str, "out": str, "steps": int, "batch_size": int, "lr": float,
+    "val_fraction": float, "prev_source": str, "seed": int, "threads": int,
+}
 
 
 def add_arguments(parser) -> None:
     d = TrainPredictorConfig(policy="", dataset="")
-    parser.add_argument("--policy", required=True, help="policy checkpoint (step train-policy --out)")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--out", default=None, help="predictor folder (default <policy>/predictor)")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    parser.add_argument("--prev-source", default=d.prev_source, choices=["dataset", "policy"],
-                        help="previous chunk: demo window Ta steps earlier, or the backbone's own chunk there")
+    parser.add_argument("--config", default=None, help="YAML file of TrainPredictorConfig fields (see configs/)")
+    help_text = {
+        "policy": "policy checkpoint (step train-policy --out)",
+        "out": "predictor folder (default <policy>/predictor)",
+        "prev_source": "previous chunk: 'dataset' (demo window Ta steps earlier) or 'policy' (backbone's own chunk there)",
+        "threads": "torch CPU threads (0: torch's default)",
+    }
+    for name, kind in OPTIONS.items():
+        default = getattr(d, name) if name not in ("policy", "dataset") else "required"
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{help_text.get(name, '')} (default: {default})".strip())
     parser.add_argument("--no-ablation", action="store_true", help="skip the spatial-only predictor")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
 
 
 def run(args) -> int:
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--steps and --batch-size must be positive")
-    cfg = TrainPredictorConfig(
-        policy=args.policy, dataset=args.dataset, out=args.out, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, val_fraction=args.val_fraction, prev_source=args.prev_source, ablation=not args.no_ablation,
-        seed=args.seed, threads=args.threads,
-    )
+    overrides = {name: getattr(args, name) for name in OPTIONS}
+    if args.no_ablation:
+        overrides["ablation"] = False
+    cfg = build_config(TrainPredictorConfig, args.config, **overrides)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be positive")
+    if cfg.prev_source not in ("dataset", "policy"):
+        raise ValueError("prev_source must be 'dataset' or 'policy'")
     print(json.dumps(train_predictor(cfg), indent=2))
     return 0

@@ -1,0 +1,35 @@
+"""YAML configs: file values, command-line overrides, and clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from agents.config_files import build_config
+from agents.training import TrainPolicyConfig, TrainPredictorConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_committed_configs_load():
+    policy = build_config(TrainPolicyConfig, CONFIGS / "pusht_state_policy.yaml", dataset="d", out="o")
+    assert policy.preset == "pusht_state" and policy.steps == 10000 and policy.lr == pytest.approx(3e-4)
+    predictor = build_config(TrainPredictorConfig, CONFIGS / "pusht_state_predictor.yaml", policy="p", dataset="d")
+    assert predictor.prev_source == "dataset"
+
+
+def test_command_line_overrides_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\nbatch_size: 3\n")
+    cfg = build_config(TrainPolicyConfig, path, dataset="d", out="o", steps=9, lr=None)
+    assert (cfg.steps, cfg.batch_size, cfg.lr) == (9, 3, TrainPolicyConfig.lr)
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 7\n")
+    with pytest.raises(ValueError, match="Unknown TrainPolicyConfig field"):
+        build_config(TrainPolicyConfig, bad, dataset="d", out="o")
+    with pytest.raises(ValueError, match="needs \\['out'\\]"):
+        build_config(TrainPolicyConfig, None, dataset="d")
+    with pytest.raises(FileNotFoundError):
+        build_config(TrainPolicyConfig, tmp_path / "missing.yaml", dataset="d", out="o")
