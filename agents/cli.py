@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("agents.commands.collect", "make demonstrations with a scripted expert (LeRobotDataset)"),
     "eval": ("agents.commands.evaluate", "evaluate an agent on seeded episodes, with videos"),
     "record": ("agents.commands.record", "record SO-101 demonstrations (leader arm or expert) to LeRobotDataset"),
+    "import-robomimic": ("agents.commands.import_robomimic", "import a RoboMimic hdf5 dataset as a LeRobotDataset"),
     "train-policy": ("agents.commands.train_policy", "train the diffusion backbone (resumable, EMA, rollout score)"),
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),

@@ -72,15 +72,16 @@ def rollout(
     for start in range(0, len(seeds), width):
         wave = seeds[start : start + width]
         record = [start + i < num_videos for i in range(len(wave))]
-        results.extend(_run_wave(env, agent, wave, is_vector, record, video_dir, max_steps))
+        # A wave of many envs can take minutes: show its env step so the bar is never frozen.
+        on_step = (lambda step: bar.set_postfix_str(f"wave step {step}", refresh=True)) if progress else None
+        results.extend(_run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step))
         bar.update(len(wave))
-        done = results
-        bar.set_postfix(success=f"{np.mean([r.success for r in done]):.2f}")
+        bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
     bar.close()
     return results
 
 
-def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps):
+def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step=None):
     n = len(wave)
     if is_vector:
         if n < env.num_envs:  # last wave: pad with extra seeds whose results are dropped
@@ -117,6 +118,8 @@ def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps):
         agent_time += time.perf_counter() - t0
         obs, reward, terminated, truncated, info = env.step(action)
         step += 1
+        if on_step is not None and step % 10 == 0:
+            on_step(step)
         reward = np.atleast_1d(np.asarray(reward, dtype=float))
         ended = np.atleast_1d(np.asarray(terminated) | np.asarray(truncated))
         is_success = np.atleast_1d(np.asarray(info.get("is_success", False), dtype=bool))

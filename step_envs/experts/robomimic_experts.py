@@ -1,0 +1,621 @@
+"""Scripted experts for the RoboMimic tasks: waypoint state machines in OSC_POSE delta space.
+
+Each expert reads the true robosuite state (end-effector site, object bodies and sites), picks a target pose
+for the gripper's grip site and a gripper command for its current phase, and turns the pose error into a
+clipped delta action (position in units of the controller's 0.05 m, rotation in units of its 0.5 rad, in the
+robot's base frame). Phases advance when the grip site reaches its waypoint or a phase times out.
+
+Gripper orientation: the grip site's x axis is the fingers' closing axis and its z axis points out of the
+hand. "Down" poses are Rz(yaw) @ DOWN, where DOWN points the hand at the table with the fingers closing along
+world y (the Panda's pose at reset); yaw then sets the closing axis to (-sin yaw, cos yaw).
+
+Lift, Can and Square are phase machines; Transport runs one generator per arm (a waypoint sequence as
+straight-line code) that synchronise at the handover. ToolHang has no expert yet.
+
+Measure: ``python -m step_envs.experts.robomimic_experts --task square --seeds 50``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+DOWN = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+OPEN, CLOSE = -1.0, 1.0
+
+
+def rot_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def wrap(angle: float, period: float = 2 * np.pi) -> float:
+    """Angle wrapped to [-period/2, period/2)."""
+    return (angle + period / 2) % period - period / 2
+
+
+def body_yaw(xmat: np.ndarray) -> float:
+    """Yaw of a body whose z axis stays roughly vertical."""
+    m = np.asarray(xmat).reshape(3, 3)
+    return float(np.arctan2(m[1, 0], m[0, 0]))
+
+
+@dataclass
+class OSCGains:
+    pos_gain: float = 20.0  # action per metre of position error (1.0 = 0.05 m per step); 5 cm saturates
+    rot_gain: float = 4.0  # action per radian of orientation error (1.0 = 0.5 rad per step)
+    max_pos_action: float = 1.0
+    max_rot_action: float = 0.6  # slower turns keep a held object from slipping
+
+
+class Arm:
+    """One Panda arm of a robosuite env: where its grip site is, and the action that moves it to a pose."""
+
+    def __init__(self, sim_env, index: int = 0, gains: OSCGains | None = None):
+        self.sim_env = sim_env
+        robot = sim_env.robots[index]
+        self.site_id = robot.eef_site_id["right"]
+        self.base_body = robot.robot_model.root_body
+        self.gains = gains or OSCGains()
+
+    @property
+    def data(self):
+        return self.sim_env.sim.data
+
+    def pos(self) -> np.ndarray:
+        return np.array(self.data.site_xpos[self.site_id])
+
+    def rot(self) -> np.ndarray:
+        return np.array(self.data.site_xmat[self.site_id]).reshape(3, 3)
+
+    def yaw(self) -> float:
+        """Yaw of a down pose, read back from the closing axis (site x axis)."""
+        x_axis = self.rot()[:, 0]
+        return float(np.arctan2(-x_axis[0], x_axis[1]))
+
+    def action(self, target_pos: np.ndarray, target_rot: np.ndarray, gripper: float) -> np.ndarray:
+        g = self.gains
+        base_rot = np.array(self.data.get_body_xmat(self.base_body)).reshape(3, 3)
+        # OSC_POSE deltas are expressed in the robot base frame: rotate world errors into it.
+        pos_err = base_rot.T @ (np.asarray(target_pos) - self.pos())
+        rot_err = base_rot.T @ Rotation.from_matrix(target_rot @ self.rot().T).as_rotvec()
+        dpos = np.clip(g.pos_gain * pos_err, -g.max_pos_action, g.max_pos_action)
+        drot = np.clip(g.rot_gain * rot_err, -g.max_rot_action, g.max_rot_action)
+        return np.concatenate([dpos, drot, [gripper]]).astype(np.float32)
+
+
+class PhaseExpert:
+    """Shared bookkeeping: the current phase and the steps spent in it."""
+
+    phases: tuple[str, ...] = ()
+
+    def __init__(self, env):
+        self.env = env  # the RoboMimicEnv (unwrapped)
+        self.reset()
+
+    @property
+    def sim_env(self):
+        return self.env.sim_env
+
+    def reset(self) -> None:
+        self.phase = self.phases[0]
+        self.phase_steps = 0
+        self._arms: list[Arm] | None = None
+        self._last_pos: list[np.ndarray] | None = None
+        self._speeds = [np.inf, np.inf]  # metres per step of each grip site, smoothed
+
+    def goto(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_steps = 0
+
+    def stalled(self, index: int = 0, min_steps: int = 10, speed: float = 5e-4) -> bool:
+        """The hand has stopped short of its waypoint (blocked by the table, a wall or its reach)."""
+        return self.phase_steps >= min_steps and self._speeds[index] < speed
+
+    def arm(self, index: int = 0) -> Arm:
+        # Built lazily: robosuite ids are only valid once the env has been reset.
+        if self._arms is None:
+            self._arms = [Arm(self.sim_env, i, self.gains) for i in range(len(self.sim_env.robots))]
+        return self._arms[index]
+
+    def act(self, obs) -> np.ndarray:
+        positions = [self.arm(i).pos() for i in range(len(self.sim_env.robots))]
+        if self._last_pos is not None:
+            for i, (p, q) in enumerate(zip(positions, self._last_pos)):
+                moved = float(np.linalg.norm(p - q))
+                self._speeds[i] = moved if not np.isfinite(self._speeds[i]) else 0.7 * self._speeds[i] + 0.3 * moved
+        self._last_pos = positions
+        action = self.step()
+        self.phase_steps += 1
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def step(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def body_pos(self, name: str) -> np.ndarray:
+        return np.array(self.sim_env.sim.data.get_body_xpos(name))
+
+    def body_xmat(self, name: str) -> np.ndarray:
+        return np.array(self.sim_env.sim.data.get_body_xmat(name)).reshape(3, 3)
+
+    def site_pos(self, name: str) -> np.ndarray:
+        return np.array(self.sim_env.sim.data.get_site_xpos(name))
+
+
+def reached(arm: Arm, target: np.ndarray, tolerance: float) -> bool:
+    return bool(np.linalg.norm(arm.pos() - target) < tolerance)
+
+
+# ---------------------------------------------------------------------------------------------------- Lift
+@dataclass
+class LiftExpertConfig:
+    gains: OSCGains = field(default_factory=OSCGains)
+    approach_height: float = 0.08  # above the cube centre before descending
+    grasp_depth: float = 0.0  # grip site relative to the cube centre when closing
+    tolerance: float = 0.01
+    close_steps: int = 10  # steps with the gripper closing before lifting
+    lift_height: float = 0.2
+    phase_timeout: int = 120
+
+
+class LiftExpert(PhaseExpert):
+    phases = ("above", "descend", "close", "lift")
+
+    def __init__(self, env, config: LiftExpertConfig | None = None):
+        self.config = config or LiftExpertConfig()
+        self.gains = self.config.gains
+        super().__init__(env)
+
+    def step(self) -> np.ndarray:
+        c, arm = self.config, self.arm()
+        cube = self.body_pos(self.sim_env.cube.root_body)
+        # The cube is symmetric under quarter turns: turn the hand by the smallest angle that squares up.
+        yaw = arm.yaw() + wrap(body_yaw(self.body_xmat(self.sim_env.cube.root_body)) - arm.yaw(), np.pi / 2)
+        if self.phase == "above":
+            target = cube + [0, 0, c.approach_height]
+            if reached(arm, target, c.tolerance) or self.phase_steps > c.phase_timeout:
+                self.goto("descend")
+            return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
+        if self.phase == "descend":
+            target = cube + [0, 0, c.grasp_depth]
+            if reached(arm, target, c.tolerance / 2) or self.stalled() or self.phase_steps > c.phase_timeout:
+                self.goto("close")
+            return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
+        if self.phase == "close":
+            if self.phase_steps >= c.close_steps:
+                self.goto("lift")
+            return arm.action(arm.pos(), rot_z(arm.yaw()) @ DOWN, CLOSE)
+        target = cube + [0, 0, c.lift_height]
+        return arm.action(target, rot_z(arm.yaw()) @ DOWN, CLOSE)
+
+
+# ---------------------------------------------------------------------------------------------------- Can
+@dataclass
+class CanExpertConfig:
+    gains: OSCGains = field(default_factory=OSCGains)
+    approach_height: float = 0.1
+    grasp_depth: float = 0.0  # grip site relative to the can centre when closing
+    tolerance: float = 0.01
+    close_steps: int = 10
+    carry_height: float = 0.17  # of the hand above the bins' base: clears the walls, stays within reach
+    release_height: float = 0.12  # of the hand above the bins' base when opening
+    goal_margin: float = 0.06  # aim this far inside the goal quadrant's corner nearest the robot (reach)
+    open_steps: int = 15
+    phase_timeout: int = 150
+
+
+class CanExpert(PhaseExpert):
+    phases = ("above", "descend", "close", "lift", "carry", "lower", "open")
+
+    def __init__(self, env, config: CanExpertConfig | None = None):
+        self.config = config or CanExpertConfig()
+        self.gains = self.config.gains
+        super().__init__(env)
+
+    def _can(self):
+        """The can and where to drop it: inside its goal quadrant of bin 2 (as PickPlace.not_in_bin defines it)."""
+        env = self.sim_env
+        obj = next(o for o in env.objects if o.name == "Can")
+        bin_id = env.object_to_id["can"]
+        low = np.array(env.bin2_pos[:2], dtype=float)
+        if bin_id in (0, 2):
+            low[0] -= env.bin_size[0] / 2
+        if bin_id < 2:
+            low[1] -= env.bin_size[1] / 2
+        high = low + np.array(env.bin_size[:2]) / 2
+        # The far corners of bin 2 are at the edge of the Panda's reach: aim near the corner closest to the base.
+        base = self.body_pos(self.arm().base_body)[:2]
+        corner = np.where(np.abs(low - base) < np.abs(high - base), low, high)
+        margin = np.minimum(self.config.goal_margin, (high - low) / 2)
+        goal = corner + np.sign((low + high) / 2 - corner) * margin
+        return obj, goal
+
+    def step(self) -> np.ndarray:
+        c, arm, env = self.config, self.arm(), self.sim_env
+        obj, goal = self._can()
+        can = self.body_pos(obj.root_body)
+        down = rot_z(0.0) @ DOWN  # a cylinder: any yaw grasps it
+        timed_out = self.phase_steps > c.phase_timeout
+        if self.phase == "above":
+            target = can + [0, 0, c.approach_height]
+            if reached(arm, target, c.tolerance) or timed_out:
+                self.goto("descend")
+            return arm.action(target, down, OPEN)
+        if self.phase == "descend":
+            target = can + [0, 0, c.grasp_depth]
+            if reached(arm, target, c.tolerance / 2) or self.stalled() or timed_out:
+                self.goto("close")
+            return arm.action(target, down, OPEN)
+        if self.phase == "close":
+            if self.phase_steps >= c.close_steps:
+                self.goto("lift")
+            return arm.action(arm.pos(), down, CLOSE)
+        # Carry the can, not the hand: aim so that the can (held off-centre) ends over the goal.
+        held_offset = arm.pos() - can
+        base_z = env.bin2_pos[2]
+        if self.phase == "lift":
+            target = np.array([arm.pos()[0], arm.pos()[1], base_z + c.carry_height])
+            if reached(arm, target, 2 * c.tolerance) or self.stalled() or timed_out:
+                self.goto("carry")
+            return arm.action(target, down, CLOSE)
+        if self.phase == "carry":
+            target = np.array([*(goal[:2] + held_offset[:2]), base_z + c.carry_height])
+            if reached(arm, target, 2 * c.tolerance) or self.stalled() or timed_out:
+                self.goto("lower")
+            return arm.action(target, down, CLOSE)
+        if self.phase == "lower":
+            target = np.array([*(goal[:2] + held_offset[:2]), base_z + c.release_height])
+            if reached(arm, target, c.tolerance) or self.stalled() or timed_out:
+                self.goto("open")
+            return arm.action(target, down, CLOSE)
+        target = np.array([arm.pos()[0], arm.pos()[1], base_z + c.carry_height])
+        return arm.action(target if self.phase_steps > c.open_steps else arm.pos(), down, OPEN)
+
+
+# ---------------------------------------------------------------------------------------------------- Square
+@dataclass
+class SquareExpertConfig:
+    gains: OSCGains = field(default_factory=OSCGains)
+    approach_height: float = 0.08  # above the handle before descending
+    grasp_depth: float = -0.01  # grip site relative to the handle centre when closing (press onto it)
+    tolerance: float = 0.01
+    close_steps: int = 10
+    carry_height: float = 0.2  # of the nut above the table top while moving
+    drop_height: float = 0.16  # of the nut above the table top when released (peg top is at +0.13)
+    align_tolerance: float = 0.003  # nut centre to peg axis, metres, before letting go
+    align_yaw_tolerance: float = 0.05  # radians, nut square to the peg
+    settle_steps: int = 5  # consecutive aligned, still steps before letting go
+    still_speed: float = 1e-3  # metres per step of the hand counted as still
+    rise_after: int = 10  # steps after opening before the hand backs off upwards
+    hand_yaw_limit: float = 2.4  # |yaw| of the hand the wrist reaches (Panda joint 7 stops near -2.7)
+    yaw_tolerance: float = 0.05  # hand squared to the handle before closing
+    grasp_lost_distance: float = 0.075  # hand to nut centre (0.054 when held): beyond it, grasp again
+    phase_timeout: int = 150
+
+
+class SquareExpert(PhaseExpert):
+    """Grasp the handle, hold the nut squarely over the peg, then let it drop (lowering while held jams)."""
+
+    phases = ("above", "descend", "close", "lift", "align", "release")
+
+    def __init__(self, env, config: SquareExpertConfig | None = None):
+        self.config = config or SquareExpertConfig()
+        self.gains = self.config.gains
+        super().__init__(env)
+
+    def reset(self) -> None:
+        super().reset()
+        self.aligned_steps = 0
+        self.nut_goal_yaw = 0.0
+
+    def choose_nut_yaw(self, nut_yaw: float, handle_offset: float, peg: np.ndarray) -> float:
+        """The quarter-turn of the nut over the peg that puts the hand (on the handle) closest to the robot
+        base: with the handle pointing away, the far peg is out of the Panda's reach."""
+        base = self.body_pos(self.arm().base_body)[:2]
+        best, best_distance = nut_yaw, np.inf
+        for k in range(4):
+            yaw = k * np.pi / 2
+            if abs(self.arm().yaw() + wrap(yaw - nut_yaw)) > self.config.hand_yaw_limit:
+                continue
+            hand = peg[:2] + handle_offset * np.array([np.cos(yaw), np.sin(yaw)])
+            if np.linalg.norm(hand - base) < best_distance:
+                best, best_distance = yaw, float(np.linalg.norm(hand - base))
+        return best
+
+    def step(self) -> np.ndarray:
+        c, arm, env = self.config, self.arm(), self.sim_env
+        nut_body = env.nuts[env.nut_to_id["square"]].root_body
+        nut = self.body_pos(nut_body)
+        nut_yaw = body_yaw(self.body_xmat(nut_body))
+        handle = self.site_pos("SquareNut_handle_site")
+        peg = np.array(env.sim.data.body_xpos[env.peg1_body_id])
+        table_z = env.table_offset[2]
+        timed_out = self.phase_steps > c.phase_timeout
+        # The handle runs along the nut's x axis: close the fingers across it (closing axis = nut y axis).
+        grasp_yaw = arm.yaw() + wrap(nut_yaw - arm.yaw(), np.pi)
+        if self.phase == "above":
+            target = handle + [0, 0, c.approach_height]
+            if reached(arm, target, c.tolerance) or timed_out:
+                self.goto("descend")
+            return arm.action(target, rot_z(grasp_yaw) @ DOWN, OPEN)
+        if self.phase == "descend":
+            target = handle + [0, 0, c.grasp_depth]
+            squared = abs(wrap(grasp_yaw - arm.yaw())) < c.yaw_tolerance
+            if (squared and (reached(arm, target, c.tolerance / 2) or self.stalled())) or timed_out:
+                self.goto("close")
+            return arm.action(target, rot_z(grasp_yaw) @ DOWN, OPEN)
+        if self.phase == "close":
+            if self.phase_steps >= c.close_steps:
+                self.goto("lift")
+                self.nut_goal_yaw = self.choose_nut_yaw(nut_yaw, float(np.linalg.norm((handle - nut)[:2])), peg)
+            return arm.action(arm.pos(), rot_z(arm.yaw()) @ DOWN, CLOSE)
+        # Held: the nut turns with the hand. Square it to the peg (quarter-turn symmetric) by turning the hand.
+        yaw_error = wrap(self.nut_goal_yaw - nut_yaw)
+        hold_rot = rot_z(arm.yaw() + yaw_error) @ DOWN
+        hand_minus_nut = arm.pos() - nut
+        if self.phase in ("lift", "align") and np.linalg.norm(hand_minus_nut) > c.grasp_lost_distance:
+            self.goto("above")  # the nut slipped or was never held: open and grasp again
+            return arm.action(arm.pos() + [0, 0, 0.05], rot_z(arm.yaw()) @ DOWN, OPEN)
+        if self.phase == "lift":
+            target = np.array([arm.pos()[0], arm.pos()[1], table_z + c.carry_height + hand_minus_nut[2]])
+            if reached(arm, target, 2 * c.tolerance) or timed_out:
+                self.goto("align")
+            return arm.action(target, hold_rot, CLOSE)
+        if self.phase == "align":
+            height = c.carry_height if np.linalg.norm(nut[:2] - peg[:2]) > 0.02 else c.drop_height
+            target = np.array([*(peg[:2] + hand_minus_nut[:2]), table_z + height + hand_minus_nut[2]])
+            aligned = np.linalg.norm(nut[:2] - peg[:2]) < c.align_tolerance and abs(yaw_error) < c.align_yaw_tolerance
+            aligned = aligned and abs(nut[2] - (table_z + c.drop_height)) < 0.01 and self._speeds[0] < c.still_speed
+            self.aligned_steps = self.aligned_steps + 1 if aligned else 0
+            if self.aligned_steps >= c.settle_steps or timed_out:
+                self.goto("release")
+                self.release_pos = arm.pos()
+            return arm.action(target, hold_rot, CLOSE)
+        # Open where the hand is (moving while opening knocks the nut off the axis), then back off upwards.
+        target = self.release_pos + ([0, 0, 0.1] if self.phase_steps > c.rise_after else 0.0)
+        return arm.action(target, rot_z(arm.yaw()) @ DOWN, OPEN)
+
+
+# ---------------------------------------------------------------------------------------------------- Transport
+@dataclass
+class TransportExpertConfig:
+    gains: OSCGains = field(default_factory=OSCGains)
+    tolerance: float = 0.015
+    approach_height: float = 0.08
+    carry_z: float = 1.12  # world height of the hand while carrying (clears bins and the lid)
+    close_steps: int = 10
+    open_steps: int = 10
+    lid_drop_xy: tuple[float, float] = (-0.2, -0.45)  # free spot on robot0's table for the lid
+    lid_release_z: float = 1.02
+    # Both hands work at the edge of their reach over the gap between the tables: hold the handle symmetric
+    # about its centre, as close as the two hands allow (nearer than 12 cm they collide).
+    grasp_offset0: float = 0.06  # robot0 holds the handle this far from the hammer's centre, on its own side
+    grasp_offset1: float = 0.06  # robot1 takes the handle this far from the centre, on its side
+    pick_attempts: int = 3  # robot0 re-grasps the hammer when it did not come up with the hand
+    handover_xy: tuple[float, float] = (0.0, 0.0)  # hammer centre during the handover (between the tables)
+    handover_z: float = 1.04  # about the grip-site height of longest reach (wrist centre at shoulder height)
+    release_z: float = 1.0  # hand height when letting go over a bin
+    retreat_y: float = 0.3  # robot1 pulls the hammer back to this y before turning to the target bin
+    move_timeout: int = 120
+
+
+class TransportExpert:
+    """Two scripted arms: robot0 takes the lid off the start bin and hands the hammer over; robot1 first moves
+    the trash cube to the trash bin, then takes the hammer and drops it into the target bin.
+
+    Each arm runs a generator that yields its 7-d action per step (straight-line code for a waypoint
+    sequence); the two synchronise through flags at the handover.
+    """
+
+    def __init__(self, env, config: TransportExpertConfig | None = None):
+        self.env = env
+        self.config = config or TransportExpertConfig()
+        self.reset()
+
+    @property
+    def sim_env(self):
+        return self.env.sim_env
+
+    def reset(self) -> None:
+        self._arms: list[Arm] | None = None
+        self.flags: set[str] = set()
+        self._scripts = None
+
+    def arm(self, i: int) -> Arm:
+        if self._arms is None:
+            self._arms = [Arm(self.sim_env, k, self.config.gains) for k in range(2)]
+        return self._arms[i]
+
+    def act(self, obs) -> np.ndarray:
+        if self._scripts is None:
+            self._scripts = [self._robot0(), self._robot1()]
+            self._last = [np.zeros(7, np.float32), np.zeros(7, np.float32)]
+        actions = []
+        for i, script in enumerate(self._scripts):
+            try:
+                self._last[i] = next(script)
+            except StopIteration:  # script done: stay put, keep the gripper command
+                self._last[i] = np.concatenate([np.zeros(6), self._last[i][6:]]).astype(np.float32)
+            actions.append(self._last[i])
+        return np.clip(np.concatenate(actions), -1.0, 1.0).astype(np.float32)
+
+    # ---------------------------------------------------------------- primitives (generators)
+    def _move(self, i, target_fn, yaw, gripper, tolerance=None, timeout=None):
+        """Drive arm i to target_fn() (re-evaluated every step) with the hand down at ``yaw``."""
+        c, arm = self.config, self.arm(i)
+        tolerance = tolerance or c.tolerance
+        last, still = arm.pos(), 0
+        for _ in range(timeout or c.move_timeout):
+            target = np.asarray(target_fn())
+            if np.linalg.norm(arm.pos() - target) < tolerance:
+                return
+            still = still + 1 if np.linalg.norm(arm.pos() - last) < 5e-4 else 0
+            if still >= 8:  # blocked (table, bin floor, reach): stop here
+                return
+            last = arm.pos()
+            yield arm.action(target, rot_z(yaw) @ DOWN, gripper)
+
+    def _wait(self, i, steps, yaw, gripper, until=None):
+        arm = self.arm(i)
+        hold = arm.pos()
+        count = 0
+        while (until is None and count < steps) or (until is not None and until not in self.flags):
+            count += 1
+            yield arm.action(hold, rot_z(yaw) @ DOWN, gripper)
+
+    def _square_yaw(self, i, direction_yaw, period):
+        """The yaw congruent to direction_yaw (mod period) closest to the arm's current yaw."""
+        current = self.arm(i).yaw()
+        return current + wrap(direction_yaw - current, period)
+
+    def _body(self, name):
+        return np.array(self.sim_env.sim.data.get_body_xpos(name))
+
+    def _hammer(self):
+        """Hammer centre and its handle axis turned to point at robot1 (+y)."""
+        xmat = np.array(self.sim_env.sim.data.get_body_xmat("payload_root")).reshape(3, 3)
+        axis = xmat[:, 2] * (1.0 if xmat[1, 2] >= 0 else -1.0)
+        return self._body("payload_root"), axis
+
+    # ---------------------------------------------------------------- the two arms
+    def _robot0(self):
+        c, arm = self.config, self.arm(0)
+        up = np.array([0.0, 0.0, c.approach_height])
+        # 1. the lid: its handle runs along the lid's y axis, so close the fingers along its x axis
+        lid = "transport_start_bin_lid_root"
+        handle = lambda: np.array(self.sim_env.transport.lid_handle_pos)  # noqa: E731
+        lid_x = np.array(self.sim_env.sim.data.get_body_xmat(lid)).reshape(3, 3)[:, 0]
+        yaw = self._square_yaw(0, np.arctan2(lid_x[1], lid_x[0]) - np.pi / 2, np.pi)
+        yield from self._move(0, lambda: handle() + up, yaw, OPEN)
+        yield from self._move(0, lambda: handle() - [0, 0, 0.005], yaw, OPEN, tolerance=0.006)
+        yield from self._wait(0, c.close_steps, yaw, CLOSE)
+        yield from self._move(0, lambda: [arm.pos()[0], arm.pos()[1], c.carry_z], yaw, CLOSE)
+        yield from self._move(0, lambda: [*c.lid_drop_xy, c.carry_z], yaw, CLOSE)
+        yield from self._move(0, lambda: [*c.lid_drop_xy, c.lid_release_z], yaw, CLOSE)
+        yield from self._wait(0, c.open_steps, yaw, OPEN)
+        yield from self._move(0, lambda: [*c.lid_drop_xy, c.carry_z], yaw, OPEN)
+        # 2. the hammer, held by the handle on robot0's side, fingers across the handle
+        grasp = lambda: self._hammer()[0] - c.grasp_offset0 * self._hammer()[1]  # noqa: E731
+        for _ in range(c.pick_attempts):
+            axis = self._hammer()[1]
+            yaw = self._square_yaw(0, np.arctan2(axis[1], axis[0]), np.pi)
+            # from above the bin's rim, then straight down into the bin
+            yield from self._move(0, lambda: [*grasp()[:2], c.carry_z], yaw, OPEN)
+            yield from self._move(0, lambda: grasp() - [0, 0, 0.005], yaw, OPEN, tolerance=0.006)
+            yield from self._wait(0, c.close_steps, yaw, CLOSE)
+            yield from self._move(0, lambda: [arm.pos()[0], arm.pos()[1], c.carry_z], yaw, CLOSE)
+            if np.linalg.norm(arm.pos() - grasp()) < 0.04:  # the hammer came up with the hand
+                break
+            yield from self._wait(0, c.open_steps, yaw, OPEN)
+        handover = np.array([*c.handover_xy, c.handover_z])
+
+        def hand_at_handover():
+            centre, _ = self._hammer()
+            return handover + (arm.pos() - centre)
+
+        yield from self._move(0, lambda: hand_at_handover() + [0, 0, c.carry_z - c.handover_z], yaw, CLOSE)
+        yield from self._move(0, hand_at_handover, yaw, CLOSE, tolerance=0.008)
+        yield from self._wait(0, 10, yaw, CLOSE)
+        self.flags.add("hammer_at_handover")
+        yield from self._wait(0, 0, yaw, CLOSE, until="robot1_holds_hammer")
+        yield from self._wait(0, c.open_steps, yaw, OPEN)
+        back = arm.pos() + [0, -0.15, 0.1]
+        yield from self._move(0, lambda: back, yaw, OPEN)
+        self.flags.add("robot0_clear")
+
+    def _robot1(self):
+        c, arm = self.config, self.arm(1)
+        up = np.array([0.0, 0.0, c.approach_height])
+        transport = self.sim_env.transport
+        # 1. the trash cube (a cube: square the fingers to its faces) into the trash bin
+        trash = lambda: np.array(transport.trash_pos)  # noqa: E731
+        trash_yaw = body_yaw(self.sim_env.sim.data.get_body_xmat("trash_main"))
+        yaw = self._square_yaw(1, trash_yaw, np.pi / 2)
+        yield from self._move(1, lambda: [*trash()[:2], c.carry_z], yaw, OPEN)  # above the bin's rim first
+        yield from self._move(1, lambda: trash() - [0, 0, 0.005], yaw, OPEN, tolerance=0.006)
+        yield from self._wait(1, c.close_steps, yaw, CLOSE)
+        yield from self._move(1, lambda: [arm.pos()[0], arm.pos()[1], c.carry_z], yaw, CLOSE)
+        bin_xy = np.array(transport.trash_bin_pos[:2])
+        yield from self._move(1, lambda: [*bin_xy, c.carry_z], yaw, CLOSE)
+        yield from self._move(1, lambda: [*bin_xy, c.release_z], yaw, CLOSE)
+        yield from self._wait(1, c.open_steps, yaw, OPEN)
+        yield from self._move(1, lambda: [*bin_xy, c.carry_z], yaw, OPEN)
+        # 2. wait above the handover point, then take the handle on robot1's side
+        grasp = lambda: self._hammer()[0] + c.grasp_offset1 * self._hammer()[1]  # noqa: E731
+        wait_at = np.array([c.handover_xy[0], c.retreat_y, c.carry_z])  # out of robot0's way, arm bent
+        yield from self._move(1, lambda: wait_at, yaw, OPEN)
+        yield from self._wait(1, 0, yaw, OPEN, until="hammer_at_handover")
+        axis = self._hammer()[1]
+        yaw = self._square_yaw(1, np.arctan2(axis[1], axis[0]), np.pi)
+        yield from self._move(1, lambda: grasp() + up, yaw, OPEN)
+        while np.linalg.norm(arm.pos() - grasp()) > 0.02:  # robot0 keeps holding until robot1 is there
+            yield from self._move(1, lambda: grasp(), yaw, OPEN, tolerance=0.006)
+        yield from self._wait(1, c.close_steps, yaw, CLOSE)
+        self.flags.add("robot1_holds_hammer")
+        yield from self._wait(1, 0, yaw, CLOSE, until="robot0_clear")
+        # 3. carry the hammer over the target bin and let it drop in
+        target_xy = np.array(transport.target_bin_pos[:2])
+
+        def hand_over_bin(z):
+            centre, _ = self._hammer()
+            return np.array([*(target_xy + (arm.pos() - centre)[:2]), z])
+
+        # Straight back towards robot1's base at the same height first: near full reach, lifting straightens
+        # the arm against its elbow limit and the OSC stalls.
+        retreat = np.array([arm.pos()[0], c.retreat_y, arm.pos()[2]])
+        yield from self._move(1, lambda: retreat, yaw, CLOSE)
+        yield from self._move(1, lambda: hand_over_bin(c.carry_z), yaw, CLOSE)
+        yield from self._move(1, lambda: hand_over_bin(c.release_z), yaw, CLOSE)
+        yield from self._wait(1, c.open_steps, yaw, OPEN)
+        yield from self._move(1, lambda: hand_over_bin(c.carry_z), yaw, OPEN)
+
+
+EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert, "transport": TransportExpert}
+
+
+def make_robomimic_expert(task: str, env):
+    """A scripted expert for one RoboMimicEnv (``env.unwrapped``)."""
+    if task not in EXPERTS:
+        raise ValueError(f"No scripted RoboMimic expert for task {task!r}. Available: {', '.join(EXPERTS)}")
+    return EXPERTS[task](env)
+
+
+def measure(task: str, seeds: range, obs_type: str = "state") -> dict:
+    """Success rate of the expert on seeded episodes, and env steps per second (expert time included)."""
+    import time
+
+    import step_envs  # noqa: F401  (registers the ids)
+    from step_envs.experts import make_expert
+    from step_envs.registry import make_env
+
+    env = make_env(task, obs_type=obs_type)
+    expert = make_expert(task, env)
+    successes, steps, start = [], 0, time.perf_counter()
+    for seed in seeds:
+        obs, info = env.reset(seed=seed)
+        expert.reset()
+        terminated = truncated = False
+        while not (terminated or truncated):
+            obs, _, terminated, truncated, info = env.step(expert.act(obs))
+            steps += 1
+        successes.append(bool(info["is_success"]))
+    seconds = time.perf_counter() - start
+    env.close()
+    failed = [s for s, ok in zip(seeds, successes) if not ok]
+    return {"task": task, "obs_type": obs_type, "episodes": len(successes), "success_rate": float(np.mean(successes)),
+            "failed_seeds": failed, "steps": steps, "steps_per_second": steps / seconds, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Measure a RoboMimic expert: success rate and env steps/s.")
+    parser.add_argument("--task", required=True, choices=sorted(EXPERTS))
+    parser.add_argument("--seeds", type=int, default=50, help="episodes on seeds 0..N-1")
+    parser.add_argument("--seed-start", type=int, default=0)
+    parser.add_argument("--obs-type", default="state", choices=["state", "pixels", "pixels_state"])
+    args = parser.parse_args()
+    print(json.dumps(measure(args.task, range(args.seed_start, args.seed_start + args.seeds), args.obs_type), indent=2))
