@@ -130,7 +130,9 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     if kept < cfg.episodes:
         ctx = mp.get_context("spawn")  # fresh interpreters: no torch/pygame state shared across fork
         with ctx.Pool(cfg.workers) as pool:
-            for summary in pool.imap_unordered(_work, [(cfg, s) for s in pending]):
+            # imap (ordered): results arrive in seed order, so the run stops after the same seeds whatever
+            # the timing, and the dataset (first N good seeds) is the same on every machine.
+            for summary in pool.imap(_work, [(cfg, s) for s in pending]):
                 done[summary["seed"]] = summary
                 kept += summary["kept"]
                 bar.update(int(summary["kept"]))
