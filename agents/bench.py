@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from agents.factory import make_agent, parse_method
 from agents.latency import LatencyConfig, measure_latency

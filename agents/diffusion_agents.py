@@ -30,7 +30,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone
 from agents.predictor import Predictor, shift_chunk
-from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler, randn
+from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler
 from agents.stall import StallConfig, StallDetector
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 

@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from agents.factory import make_agent
 from step_envs.registry import get_task, make_env

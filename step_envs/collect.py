@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from step_envs.dataset import ACTION_KEY, LEROBOT_SUBDIR, frame_from_obs, lerobot_features, write_dataset
+from step_envs.dataset import LEROBOT_SUBDIR, frame_from_obs, lerobot_features, write_dataset
 from step_envs.registry import get_task
 
 
