@@ -15,6 +15,8 @@ schedulers' own ``step``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -49,15 +51,8 @@ class ScheduleConfig:
 
     @classmethod
     def from_policy(cls, cfg) -> "ScheduleConfig":
-        return cls(
-            num_train_timesteps=cfg.num_train_timesteps,
-            beta_schedule=cfg.beta_schedule,
-            beta_start=cfg.beta_start,
-            beta_end=cfg.beta_end,
-            prediction_type=cfg.prediction_type,
-            clip_sample=cfg.clip_sample,
-            clip_sample_range=cfg.clip_sample_range,
-        )
+        """Every schedule field the policy config also has (the training schedule); the rest keep defaults."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
 
 def randn(shape, generators: list[torch.Generator] | None, device="cpu", dtype=torch.float32) -> Tensor:
