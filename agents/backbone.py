@@ -77,6 +77,8 @@ class PolicyConfig:
 PRESETS: dict[str, PolicyConfig] = {
     # Push-T keypoints: state-only U-Net, small enough for batch-1 CPU inference in a few ms.
     "pusht_state": PolicyConfig(down_dims=(64, 128, 256)),
+    # Any low-dimensional task (RoboMimic state, SO-101 twin state): the same CPU-sized U-Net.
+    "state": PolicyConfig(down_dims=(64, 128, 256)),
     # Push-T image: ResNet-18 from scratch with GroupNorm, as Diffusion Policy does without pretraining.
     "pusht_image": PolicyConfig(down_dims=(128, 256, 512), diffusion_step_embed_dim=128),
     # Tests only: the smallest network that still has every part.

@@ -91,10 +91,12 @@ class DiffusionAgent:
             assert isinstance(self.sampler, DDIMSampler)
             self.warm = WarmStart(self.sampler)
             self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)
-            s = cfg.stall
-            # Draw xi whenever a perturbation can happen, stalled or not, so each row's random stream
-            # does not depend on the other rows of the batch.
-            self.perturb = s.enabled and max(s.sigma, s.sigma_stall) > 0 or s.sigma > 0
+            # Draw xi at every warm start, whatever the stall settings, so that (a) each row's random stream
+            # does not depend on the other rows of the batch and (b) the denoising noise is the same
+            # stream with the detector off and on: a detector that never fires changes nothing. (Drawing
+            # xi only when the detector could fire shifted all later noise, so "off" and "on, never
+            # firing" were two different random samples.) The cost is one (H, A) randn per chunk.
+            self.perturb = True
         self.n_replans = 0
         self.reset()
 

@@ -3,15 +3,28 @@
 The paper's Table 8: success rate and mean episode time as the perturbation scale sigma (applied only
 when consecutive chunks stall) grows. The first row turns the stall detector off (no perturbation).
 Writes ``results.json``, ``results.md`` and ``sigma_sweep.png``.
+
+Besides success and time, every row reports what happened to the robot and what the detector saw:
+  * ``frozen_rate``: episodes in which the robot's ``agent_pos`` did not change (every entry by less
+    than ``freeze_tol`` per step, env units: degrees on the SO-101) for ``freeze_steps`` consecutive
+    steps or more (default 30 = 1 s at 30 Hz). Episodes end on success, so such a run always happens
+    before success: an execution stall.
+  * ``frozen_at_end_rate``: episodes that failed with the robot frozen over their last
+    ``freeze_steps`` steps (a deadlock that was never broken).
+  * ``fired_rate``: fraction of replans (with a previous chunk) at which the detector flagged a stall;
+    ``delta_*``: the chunk-to-chunk delta the detector compares with eps, at all replans and at the
+    replans where the robot had not moved over the last chunk ("frozen" replans), so eps can be
+    chosen from data.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 
 from agents.factory import make_agent
 from step_envs.registry import get_task, make_env
@@ -31,12 +44,87 @@ class StallSweepConfig:
     num_envs: int = 20
     out: str = "results/stall_sweep"
     max_steps: int | None = None  # cap episodes below the task horizon (smoke runs only)
+    env_kwargs: dict = field(default_factory=dict)  # e.g. {"servo": "lerobot"} for the SO-101 twin
+    freeze_tol: float = 0.05  # agent_pos change per step below which the robot counts as not moving
+    freeze_steps: int = 30  # consecutive unmoving steps that make a freeze
+    threads: int = 1  # torch threads
     progress: bool = True
 
 
+class StallRecorder:
+    """Wraps an agent: records the observed ``agent_pos`` of every step and the detector at every replan."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.waves: list[dict] = []
+
+    def reset(self) -> None:
+        self.agent.reset()
+        self.waves.append({"pos": [], "replans": []})  # rollout resets the agent once per wave
+
+    def act(self, obs: dict) -> np.ndarray:
+        wave = self.waves[-1]
+        rows = self.agent.rows
+        wave["pos"].append(np.asarray(obs["agent_pos"], dtype=np.float64).reshape(rows, -1).copy())
+        before = self.agent.n_replans
+        fired = self.agent.stall.stalled(rows).numpy().copy()  # what the next plan will use
+        action = self.agent.act(obs)
+        if self.agent.n_replans != before:
+            delta = self.agent.stall.delta
+            delta = None if delta is None else delta.numpy().copy()
+            wave["replans"].append((len(wave["pos"]) - 1, fired, delta))
+        return action
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int]:
+    """(longest run of True, length of the run of True that ends at the last entry)."""
+    longest = current = 0
+    for value in mask:
+        current = current + 1 if value else 0
+        longest = max(longest, current)
+    return longest, current
+
+
+def stall_statistics(recorder: StallRecorder, results, width: int, cfg: StallSweepConfig, shift: int) -> dict:
+    """Per-episode freezes and what the detector saw, for rollout ``results`` (seed order, waves of ``width``)."""
+    frozen, frozen_end, frozen_frac = [], [], []
+    fired, deltas, frozen_deltas = [], [], []
+    for k, wave in enumerate(recorder.waves):
+        pos = np.stack(wave["pos"])  # (T, B, D)
+        for i, res in enumerate(results[k * width : (k + 1) * width]):
+            p = pos[: res.length, i]
+            still = np.max(np.abs(np.diff(p, axis=0)), axis=1) < cfg.freeze_tol if len(p) > 1 else np.zeros(0, bool)
+            longest, tail = _longest_run(still)
+            frozen.append(longest >= cfg.freeze_steps)
+            frozen_end.append(not res.success and tail >= cfg.freeze_steps)
+            frozen_frac.append(float(still.mean()) if len(still) else 0.0)
+            for t, flags, delta in wave["replans"]:
+                if t >= res.length or delta is None:
+                    continue
+                fired.append(bool(flags[i]))
+                deltas.append(float(delta[i]))
+                if t >= shift and np.max(np.abs(p[t] - p[t - shift])) < cfg.freeze_tol:
+                    frozen_deltas.append(float(delta[i]))
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else None
+
+    return {
+        "frozen_rate": float(np.mean(frozen)), "frozen_at_end_rate": float(np.mean(frozen_end)),
+        "frozen_time_fraction": float(np.mean(frozen_frac)),
+        "fired_rate": float(np.mean(fired)) if fired else 0.0, "replans": len(deltas),
+        "delta_median": pct(deltas, 50), "delta_p10": pct(deltas, 10), "delta_min": pct(deltas, 0),
+        "frozen_replans": len(frozen_deltas), "frozen_delta_median": pct(frozen_deltas, 50),
+        "frozen_delta_p90": pct(frozen_deltas, 90),
+    }
+
+
 def run_stall_sweep(cfg: StallSweepConfig) -> dict:
+    import torch
+
     from agents.checkpoint import find_predictor, load_policy, load_predictor
 
+    torch.set_num_threads(cfg.threads)
     spec = get_task(cfg.task)
     backbone, policy_cfg = load_policy(cfg.checkpoint, task=spec.name)
     path = find_predictor(cfg.checkpoint)
@@ -50,12 +138,14 @@ def run_stall_sweep(cfg: StallSweepConfig) -> dict:
     ]
     rows = []
     t0 = time.perf_counter()
+    width = min(cfg.num_envs, cfg.episodes)
     for sigma, stall in settings:
-        env = make_env(spec.name, obs_type=policy_cfg["obs_type"], num_envs=min(cfg.num_envs, cfg.episodes))
+        env = make_env(spec.name, obs_type=policy_cfg["obs_type"], num_envs=width, **cfg.env_kwargs)
         try:
             agent = make_agent(cfg.method, env, task=spec.name, checkpoint=cfg.checkpoint, backbone=backbone,
                                predictor_model=predictor, stall=stall)
-            results = rollout(env, agent, seeds, progress=cfg.progress, max_steps=cfg.max_steps)
+            recorder = StallRecorder(agent)
+            results = rollout(env, recorder, seeds, progress=cfg.progress, max_steps=cfg.max_steps)
         finally:
             env.close()
         summary = summarize(results)
@@ -65,12 +155,15 @@ def run_stall_sweep(cfg: StallSweepConfig) -> dict:
             # episode time in seconds of robot time: steps until success (or the horizon) / control rate
             "mean_episode_seconds": summary["mean_length"] / spec.fps,
             "episodes": len(results),
+            **stall_statistics(recorder, results, width, cfg, agent.backbone.cfg.n_action_steps),
+            "per_episode": [{"seed": r.seed, "success": r.success, "length": r.length} for r in results],
         }
         rows.append(row)
         if cfg.progress:
-            print(f"sigma_stall={sigma}: success {row['success_rate']:.2f}, episode {row['mean_episode_seconds']:.1f} s")
+            print(f"sigma_stall={sigma}: success {row['success_rate']:.2f}, episode {row['mean_episode_seconds']:.1f} s, "
+                  f"frozen {row['frozen_rate']:.2f}, detector fired at {row['fired_rate']:.1%} of replans")
     report = {"task": spec.name, "method": cfg.method, "checkpoint": cfg.checkpoint, "eps": cfg.eps,
-              "wall_seconds": time.perf_counter() - t0,
+              "env_kwargs": cfg.env_kwargs, "wall_seconds": time.perf_counter() - t0,
               "config": {k: v for k, v in asdict(cfg).items() if k != "progress"}, "rows": rows}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,13 +173,33 @@ def run_stall_sweep(cfg: StallSweepConfig) -> dict:
     return report
 
 
+def _fmt(value, spec=".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_table(report: dict) -> str:
+    cfg = report.get("config", {})
+    env = json.dumps(report.get("env_kwargs") or {})
     lines = [f"Task: {report['task']}, {report['method']}, stall threshold eps = {report['eps']}, "
-             f"{report['rows'][0]['episodes']} episodes per row.", "",
-             "| perturbation sigma (when stalled) | success | mean episode time (s) |", "|---|---|---|"]
+             f"{report['rows'][0]['episodes']} episodes per row, env kwargs {env}.", "",
+             f"frozen: agent_pos unchanged (< {cfg.get('freeze_tol', 0.05):g} per step) for >= "
+             f"{cfg.get('freeze_steps', 30)} steps; stuck at end: failed and frozen over the last "
+             f"{cfg.get('freeze_steps', 30)} steps; time frozen: steps with no motion / all steps; fired: replans flagged as stalled; delta: the detector's "
+             "chunk delta (median over all replans / over replans where the robot had not moved for one chunk).",
+             "",
+             "| perturbation sigma (when stalled) | success | mean episode time (s) | frozen | stuck at end "
+             "| time frozen | fired | delta median (p10) | delta median, frozen |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         label = "none (detector off)" if row["sigma_stall"] == "off" else f"{row['sigma_stall']:g}"
-        lines.append(f"| {label} | {row['success_rate']:.2f} | {row['mean_episode_seconds']:.1f} |")
+        stats = ""
+        if "frozen_rate" in row:
+            stats = (f" {row['frozen_rate']:.2f} | {row['frozen_at_end_rate']:.2f} | "
+                     f"{row['frozen_time_fraction']:.1%} | {row['fired_rate']:.1%} | "
+                     f"{_fmt(row['delta_median'])} ({_fmt(row['delta_p10'])}) | {_fmt(row['frozen_delta_median'])} "
+                     f"(n={row['frozen_replans']}) |")
+        else:
+            stats = " - | - | - | - | - | - |"
+        lines.append(f"| {label} | {row['success_rate']:.2f} | {row['mean_episode_seconds']:.1f} |{stats}")
     return "\n".join(lines) + "\n"
 
 
@@ -102,15 +215,20 @@ def sweep_plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(sigmas, [r["success_rate"] for r in rows], "o-", color="C0", label="success (perturbation on)")
     ax.axhline(off["success_rate"], color="C0", ls="--", label="success, no perturbation")
+    if "frozen_rate" in off:
+        ax.plot(sigmas, [r["frozen_rate"] for r in rows], "^-", color="C2", label="episodes with a freeze")
+        ax.axhline(off["frozen_rate"], color="C2", ls="--", lw=0.8)
     ax.set_xlabel("perturbation scale sigma when stalled")
-    ax.set_ylabel("success rate", color="C0")
+    ax.set_ylabel("success rate / freeze rate", color="C0")
     ax.set_ylim(-0.05, 1.05)
     twin = ax.twinx()
     twin.plot(sigmas, [r["mean_episode_seconds"] for r in rows], "s-", color="C1", label="episode time")
     twin.axhline(off["mean_episode_seconds"], color="C1", ls=":")
     twin.set_ylabel("mean episode time (s)", color="C1")
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{report['task']}: {report['method']} stall perturbation sweep")
+    env = report.get("env_kwargs") or {}
+    suffix = f" {json.dumps(env)}" if env else ""
+    ax.set_title(f"{report['task']}: {report['method']}, eps {report['eps']:g}{suffix}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

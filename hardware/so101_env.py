@@ -22,6 +22,12 @@ Timing: 30 Hz control (LeRobot's recording rate and the paper's observation rate
 (15 s) per episode. The twin advances exactly 1/30 s of simulated time per step, whatever the agent's
 latency; the real arm is paced on the wall clock.
 
+Twin servo model (keywords of the ``-Sim`` ids): ``dead_band_deg`` (goal changes smaller than this
+are ignored, default 1) and ``servo``: ``"mjcf"`` (default, the MJCF's servo the demonstrations were
+recorded with) or ``"lerobot"`` (LeRobot's P=16 STS3215 with gearbox stiction: a goal within about
+1-2 degrees of the present position does not move a joint at rest), or a dict of its fields, e.g.
+``{"preset": "lerobot", "static_friction": 0.3}``; see ``hardware.so101_twin``.
+
 Success: twin, from object poses (object resting on the plate / on the other cube, released).
 Real arm: ``info["is_success"]`` is False unless a ``success_fn(obs) -> bool`` is given (e.g. an
 operator key press); ``terminated`` follows it.
@@ -39,7 +45,7 @@ import numpy as np
 from gymnasium import spaces
 
 from hardware.safety import SafetyConfig, SafetyGuard, safety_config
-from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, TASK_NAMES, TOP_CAMERA, SO101Twin, TwinConfig
+from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, SERVO_PRESETS, TASK_NAMES, TOP_CAMERA, SO101Twin, TwinConfig
 from step_envs.contract import build_observation_space, check_obs_type, validate_action, wants_pixels, wants_state
 
 FPS = 30
@@ -129,6 +135,7 @@ class SO101Env(gym.Env):
         safety: SafetyConfig | dict | None = None,
         # twin only
         dead_band_deg: float | None = None,
+        servo: str | dict | None = None,
         # real arm only
         port: str | None = None,
         camera: int | str | None = None,
@@ -157,6 +164,8 @@ class SO101Env(gym.Env):
         twin_cfg = TwinConfig(task=task, cameras={TOP_CAMERA: self.image_size})
         if dead_band_deg is not None:
             twin_cfg = replace(twin_cfg, dead_band_deg=float(dead_band_deg))
+        if servo is not None:
+            twin_cfg = replace(twin_cfg, **servo_settings(servo))
         # The twin also supplies the joint limits of both robots (one action space for sim and real).
         limits_model = SO101Twin(twin_cfg)
         low, high = limits_model.joint_limits_deg()
@@ -293,6 +302,27 @@ class SO101Env(gym.Env):
         else:
             success = bool(self.success_fn(obs)) if self.success_fn is not None else False
         return {"is_success": bool(success), "deadline_missed": bool(deadline_missed)}
+
+
+SERVO_FIELDS = ("servo_kp", "static_friction", "load_friction", "stribeck_velocity")
+
+
+def servo_settings(servo: str | dict) -> dict:
+    """Twin servo model from a preset name of ``SERVO_PRESETS`` ("mjcf", "lerobot") or a dict of
+    ``TwinConfig`` servo fields (``servo_kp``, ``static_friction``, ``load_friction``, ``stribeck_velocity``),
+    optionally with ``"preset"`` to start from."""
+    if isinstance(servo, str):
+        servo = {"preset": servo}
+    if not isinstance(servo, dict):
+        raise ValueError(f"servo must be a preset name or a dict, got {type(servo).__name__}.")
+    fields = dict(servo)
+    name = fields.pop("preset", "mjcf")
+    if name not in SERVO_PRESETS:
+        raise ValueError(f"Unknown servo preset {name!r}; known: {', '.join(SERVO_PRESETS)}.")
+    unknown = sorted(set(fields) - set(SERVO_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown servo fields {unknown}; known: {', '.join(SERVO_FIELDS)} and 'preset'.")
+    return {**SERVO_PRESETS[name], **fields}
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -20,6 +20,34 @@ latched goal per joint and accepts a new goal only when it moves the goal by mor
 policy that keeps asking for tiny moves therefore gets no motion, sees the same observation and
 asks again: the execution deadlock of the paper. ``dead_band_deg`` is a modelling choice, not a
 measured value of a particular servo.
+
+Stiction model (``servo="lerobot"`` in the env, or the ``servo_kp`` / ``static_friction`` /
+``load_friction`` fields below; off by default so the twin the demonstrations were recorded on is
+unchanged). The STS3215 is a P-only position servo (LeRobot writes P=16, I=0, D=32 in
+``SOFollower.configure``) behind a 1:345 gearbox whose friction is much higher at rest than in motion.
+At rest a joint starts to move only when the servo torque kp * (goal - present) exceeds the breakaway
+friction, so a goal within tau_s / kp of the *present position* does not move it at all, and a joint
+that slows down near its goal sticks short of it. With LeRobot's P=16 this band is about 1 degree
+unloaded and 2-3 degrees on a joint that carries the arm's weight: near the grasp the policy's small
+corrections are not executed, the observation does not change, and the policy asks again. The twin
+models it as MuJoCo joint friction loss that depends on the joint speed (a Stribeck curve, as in the
+BAM actuator models):
+
+    frictionloss(qdot) = f_c + (static_friction - f_c + load_friction * |tau_gravity|) * exp(-|qdot| / v_s)
+
+with f_c the MJCF's Coulomb friction loss (0.052 N m), tau_gravity the gravity torque the joint's
+gearbox carries (the twin holds the links with gravity compensation, which stands in for the servo's
+holding torque, so the load is read from ``qfrc_gravcomp``), and the position gain lowered to
+``servo_kp``. Values of the ``"lerobot"`` preset (``SERVO_PRESETS``) and where they come from:
+  * servo_kp = 8.9 N m/rad: the MJCF's kp = 17.8 was identified at the servo's P=32 (its own comment
+    says LeRobot's P=16 needs a new identification); the duty cycle is proportional to P, so P=16
+    halves it. K-Scale's STS3215 identification (12 V, kp = 26.5 at P=32, scaled by 7.4/12 V for the
+    standard SO-101 follower) gives 8.2 at P=16: the same order.
+  * static_friction = 0.143 N m, load_friction = 0.35 N m per N m of load, v_s = 0.055 rad/s: the
+    breakaway (base + Stribeck) terms of K-Scale's fit of the BAM "m4" friction model to 960 pendulum
+    runs of an STS3215 (kscalelabs/sysid, data/feetech/STS_3215_12V_20250317, friction_params/m4.json:
+    0.023 + 0.120 N m, 0.048 + 0.298 per N m of load, dtheta_stribeck 0.055 rad/s).
+These are a servo of the same model on a test bench, not measurements of an SO-101 joint.
 """
 
 from __future__ import annotations
@@ -70,6 +98,11 @@ class TwinConfig:
     task: str = "pickplace"  # "pickplace": cube onto plate; "stackcube": cube onto cube
     physics_dt: float = 0.002
     dead_band_deg: float = 1.0  # servo ignores goal changes smaller than this (0 disables the model)
+    # Stiction model (see the module docstring); None / 0 keep the MJCF's servo (kp 17.8, Coulomb 0.052 N m).
+    servo_kp: float | None = None  # position gain of the servos (N m/rad)
+    static_friction: float = 0.0  # breakaway friction at rest without load (N m); 0 disables stiction
+    load_friction: float = 0.0  # extra breakaway friction per N m of gravity load on the joint
+    stribeck_velocity: float = 0.055  # rad/s over which the friction falls from breakaway to Coulomb
     quantise: bool = True  # round goals to the servo's 4096 ticks per turn, like the Feetech bus
     cameras: dict[str, tuple[int, int]] = field(default_factory=lambda: {TOP_CAMERA: (96, 96)})
     render_size: tuple[int, int] = (256, 256)  # env.render() frames (videos)
@@ -80,6 +113,14 @@ class TwinConfig:
     spawn_y: tuple[float, float] = (-0.10, 0.10)
     min_separation: float = 0.09  # between object and target centres
     max_spawn_yaw_deg: float = 30.0
+
+
+# Servo settings the env accepts by name (``servo="lerobot"``): LeRobot's P=16 STS3215 with gearbox
+# stiction, see the module docstring for the sources. "mjcf" is the MJCF's servo (the default).
+SERVO_PRESETS = {
+    "mjcf": {"servo_kp": None, "static_friction": 0.0, "load_friction": 0.0},
+    "lerobot": {"servo_kp": 8.9, "static_friction": 0.143, "load_friction": 0.35},
+}
 
 
 # Rest pose above the table, gripper pointing down and open (LeRobot units). Found with the
@@ -98,6 +139,11 @@ class SO101Twin:
             raise ValueError(f"Unknown SO-101 task {self.config.task!r}; known: {', '.join(TASK_NAMES)}.")
         if self.config.dead_band_deg < 0:
             raise ValueError(f"dead_band_deg must be >= 0, got {self.config.dead_band_deg}.")
+        c = self.config
+        if c.servo_kp is not None and not c.servo_kp > 0:
+            raise ValueError(f"servo_kp must be > 0 or None, got {c.servo_kp}.")
+        if c.static_friction < 0 or c.load_friction < 0 or not c.stribeck_velocity > 0:
+            raise ValueError("static_friction and load_friction must be >= 0 and stribeck_velocity > 0.")
         self.model = self._build_model()
         self.data = mujoco.MjData(self.model)
         self._joint_qpos = np.array([self.model.joint(n).qposadr[0] for n in JOINT_NAMES])
@@ -110,6 +156,14 @@ class SO101Twin:
         self._object_qpos = self.model.joint("object").qposadr[0]
         self._target_qpos = self.model.joint("target").qposadr[0]
         self._gripper_bodies = {self.model.body("gripper").id, self.model.body("moving_jaw_so101_v1").id}
+        self._coulomb = self.model.dof_frictionloss[self._joint_dof].copy()  # the MJCF's (moving) friction
+        self.stiction = self.config.static_friction > 0 or self.config.load_friction > 0
+        if self.stiction:
+            # MuJoCo's friction loss is a soft constraint: with its default impedance a joint held below
+            # the breakaway torque still creeps (~0.1 deg/s here). Stiffen it (time constant 2 physics
+            # steps, impedance 0.99-0.999) so a stuck joint creeps < 0.01 deg/s, under one servo tick.
+            self.model.dof_solref[self._joint_dof, 0] = 2 * self.config.physics_dt
+            self.model.dof_solimp[self._joint_dof, :2] = (0.99, 0.999)
         self._n_substeps = None
         self._goal_rad = np.zeros(len(JOINT_NAMES))
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
@@ -146,6 +200,11 @@ class SO101Twin:
         # gripper squeezes a 30 g cube so hard that releasing it flings it away.
         gripper = spec.actuator("gripper")
         gripper.forcerange = [-0.5 * 3.35, 0.5 * 3.35]
+        if cfg.servo_kp is not None:  # position actuator: force = kp * (ctrl - q)
+            for name in JOINT_NAMES:
+                act = spec.actuator(name)
+                act.gainprm[0] = cfg.servo_kp
+                act.biasprm[1] = -cfg.servo_kp
         world = spec.worldbody
         world.add_light(pos=[0.2, 0, 1.5], dir=[0, 0, -1], diffuse=[0.45, 0.45, 0.45], castshadow=False)
         table = world.add_geom(name="table", type=mujoco.mjtGeom.mjGEOM_PLANE, size=[1, 1, 0.01],
@@ -252,7 +311,20 @@ class SO101Twin:
         """Let ``seconds`` of simulated time pass (the real arm's time passes by itself)."""
         self._require_connected()
         n = max(1, int(round(seconds / self.model.opt.timestep)))
-        mujoco.mj_step(self.model, self.data, nstep=n)
+        if not self.stiction:
+            mujoco.mj_step(self.model, self.data, nstep=n)
+            return
+        for _ in range(n):  # friction depends on the joint speed: update it every physics step
+            self._update_friction()
+            mujoco.mj_step(self.model, self.data)
+
+    def _update_friction(self) -> None:
+        """Stribeck friction loss of each servo at its present speed and gravity load (module docstring)."""
+        cfg = self.config
+        speed = np.abs(self.data.qvel[self._joint_dof])
+        load = np.abs(self.data.qfrc_gravcomp[self._joint_dof])
+        breakaway = np.maximum(cfg.static_friction - self._coulomb, 0.0) + cfg.load_friction * load
+        self.model.dof_frictionloss[self._joint_dof] = self._coulomb + breakaway * np.exp(-speed / cfg.stribeck_velocity)
 
     # ----------------------------------------------------------------------------- scene
     def reset_scene(self, rng: np.random.Generator, home_deg: np.ndarray = HOME_DEG) -> None:
@@ -274,6 +346,8 @@ class SO101Twin:
             self.data.qpos[adr : adr + 3] = (x, y, z)
             self.data.qpos[adr + 3 : adr + 7] = (np.cos(angle / 2), 0.0, 0.0, np.sin(angle / 2))
         mujoco.mj_forward(self.model, self.data)
+        if self.stiction:
+            self._update_friction()
         self.actions_sent.clear()
 
     def body_pose(self, name: str) -> tuple[np.ndarray, np.ndarray]:

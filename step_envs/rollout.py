@@ -116,7 +116,10 @@ def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step
         t0 = time.perf_counter()
         action = agent.act(obs)
         agent_time += time.perf_counter() - t0
-        obs, reward, terminated, truncated, info = env.step(action)
+        if isinstance(env, gym.vector.SyncVectorEnv):
+            obs, reward, terminated, truncated, info = _step_active(env, action, active, obs)
+        else:
+            obs, reward, terminated, truncated, info = env.step(action)
         step += 1
         if on_step is not None and step % 10 == 0:
             on_step(step)
@@ -143,6 +146,28 @@ def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step
             video = write_video(Path(video_dir) / f"episode_{seed}.mp4", frames[i], fps=_env_fps(env))
         out.append(EpisodeResult(seed, bool(success[i]), float(max_reward[i]), int(length[i]), share, video))
     return out
+
+
+def _step_active(env, action, active, last_obs):
+    """Step only the sub-envs of a SyncVectorEnv that are still in their episode.
+
+    The vector env's own ``step`` would auto-reset finished envs and keep simulating them until the
+    slowest episode of the wave ends: with robosuite that is most of a bench's time. Finished rows keep
+    their last observation (the agent's rows are independent, so they do not affect the others).
+    """
+    width = env.num_envs
+    reward = np.zeros(width)
+    terminated = np.zeros(width, dtype=bool)
+    truncated = np.zeros(width, dtype=bool)
+    is_success = np.zeros(width, dtype=bool)
+    obs = {key: np.array(value, copy=True) for key, value in last_obs.items()}
+    for i in np.flatnonzero(active):
+        sub_obs, r, term, trunc, sub_info = env.envs[i].step(action[i])
+        for key, value in sub_obs.items():
+            obs[key][i] = value
+        reward[i], terminated[i], truncated[i] = r, term, trunc
+        is_success[i] = bool(sub_info.get("is_success", False))
+    return obs, reward, terminated, truncated, {"is_success": is_success}
 
 
 def summarize(results: list[EpisodeResult]) -> dict:

@@ -170,3 +170,21 @@ def test_predictor_refuses_other_policy(tiny_checkpoint):
     backbone.normalizer.action_max.add_(1.0)
     with pytest.raises(ValueError, match="another policy"):
         load_predictor(tiny_checkpoint / "predictor", backbone)
+
+
+def test_stall_detector_that_never_fires_changes_nothing(env, tiny_checkpoint):
+    """Detector on with eps=0 (delta < 0 never holds) must give exactly the actions of the detector off.
+
+    The perturbation xi used to be drawn from the row's generator only when the detector was on, which
+    shifted the denoising noise of every later chunk: "on but never firing" and "off" were then two
+    different random samples (the SO-101 stall sweep's 0.60 vs 0.50).
+    """
+    off = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=2, stall={"enabled": False})
+    on = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=2,
+                    stall={"enabled": True, "eps": 0.0, "sigma_stall": 1.0, "lam_stall": 0.5})
+    reference = run_steps(env, off, 1, 25)  # 4 chunks: the first warm start and 3 with a previous chunk
+    np.testing.assert_array_equal(run_steps(env, on, 1, 25), reference)
+    assert not on.stall.stalled(1).any()
+    fires = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=2,
+                       stall={"enabled": True, "eps": 1e9, "sigma_stall": 1.0, "lam_stall": 0.5})
+    assert not np.array_equal(run_steps(env, fires, 1, 25), reference)  # firing does change the actions

@@ -1,8 +1,11 @@
 """The one rollout loop: seeded determinism, single vs batched envs, videos, bad input."""
 
+import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from gymnasium.wrappers import TimeLimit
+
 
 from agents.simple import RandomAgent
 from step_envs import make_env
@@ -75,3 +78,23 @@ def test_rollout_rejects_bad_arguments(tmp_path):
         rollout(env, agent, [1, 1], progress=False)
     with pytest.raises(ValueError, match="video_dir"):
         rollout(env, agent, [1], num_videos=1, progress=False)
+
+
+class CountSteps(gym.Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        return super().step(action)
+
+
+def test_finished_envs_are_not_stepped_on():
+    # Episodes of 5 and 20 steps in one wave: the short one must not keep simulating (and auto-resetting)
+    # while the long one runs, and each episode's length must be its own.
+    env = gym.vector.SyncVectorEnv([lambda: CountSteps(TimeLimit(make_env("pusht"), 5)),
+                                    lambda: CountSteps(TimeLimit(make_env("pusht"), 20))])
+    results = rollout(env, ChaseBlockAgent(), seeds=[3, 4], progress=False)
+    assert [r.length for r in results] == [5, 20]
+    assert [sub.steps for sub in env.envs] == [5, 20]

@@ -86,6 +86,46 @@ def test_dead_band_stalls_small_moves():
     env.close()
 
 
+def test_servo_stiction_stalls_small_moves_around_the_present_position():
+    """LeRobot's P=16 servo with gearbox stiction (servo="lerobot"): a goal within about a degree of where
+    the joint *is* (not only of the previous goal) never breaks it away; the MJCF's servo follows it."""
+    moved = {}
+    for servo in ("mjcf", "lerobot"):
+        env = SO101Env(task="pickplace", dead_band_deg=0.0, servo=servo, safety={"max_relative_target": None})
+        obs, _ = env.reset(seed=0)
+        start = obs["agent_pos"].copy()
+        for _ in range(30):  # closed loop: always ask for 0.5 deg more than where the joint is
+            action = env.hold_action()
+            action[1] += 0.5  # shoulder_lift, the joint that carries the arm's weight
+            obs, *_ = env.step(action)
+        moved[servo] = obs["agent_pos"][1] - start[1]
+        if servo == "lerobot":  # a move well beyond the band breaks the joint away at once
+            action = env.hold_action()
+            action[1] += 4.0
+            for _ in range(15):
+                obs, *_ = env.step(action)
+            assert obs["agent_pos"][1] - action[1] == pytest.approx(0.0, abs=1.5)
+            twin = env.twin
+            assert twin.stiction and twin.model.actuator_gainprm[twin._actuators[1], 0] == pytest.approx(8.9)
+        env.close()
+    assert abs(moved["lerobot"]) < 0.05  # stalled: less than one servo tick (0.088 deg)
+    assert moved["mjcf"] > 5.0
+
+
+def test_servo_settings_presets_and_errors():
+    from hardware.so101_env import servo_settings
+
+    assert servo_settings("lerobot")["servo_kp"] == 8.9
+    assert servo_settings({"preset": "lerobot", "static_friction": 0.3})["static_friction"] == 0.3
+    assert servo_settings({"static_friction": 0.2})["servo_kp"] is None  # from the MJCF preset
+    with pytest.raises(ValueError, match="preset"):
+        servo_settings("bogus")
+    with pytest.raises(ValueError, match="Unknown servo fields"):
+        servo_settings({"kp": 3})
+    with pytest.raises(ValueError):
+        SO101Env(task="pickplace", servo={"static_friction": -1.0})
+
+
 def test_twin_obs_types_and_images():
     env = gym.make(STACK_SIM, obs_type="pixels_state")
     obs, info = env.reset(seed=0)

@@ -1,6 +1,9 @@
-"""``step stall-sweep --task so101-pickplace-sim --checkpoint CKPT [--sigmas 0.2,0.5,1.0] [--episodes 20]``"""
+"""``step stall-sweep --task so101-pickplace-sim --checkpoint CKPT [--sigmas 0.2,0.5,1.0] [--episodes 20]
+[--env-kwargs '{"servo": "lerobot"}']``"""
 
 from __future__ import annotations
+
+import json
 
 from agents.stall_sweep import StallSweepConfig, markdown_table, run_stall_sweep
 
@@ -18,6 +21,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-envs", type=int, default=d.num_envs)
     parser.add_argument("--out", default=d.out)
     parser.add_argument("--max-steps", type=int, default=None, help="cap episodes (smoke runs; not for reports)")
+    parser.add_argument("--env-kwargs", default=None,
+                        help='env keyword arguments as JSON, e.g. \'{"servo": "lerobot", "dead_band_deg": 1.0}\'')
+    parser.add_argument("--freeze-tol", type=float, default=d.freeze_tol,
+                        help="agent_pos change per step below which the robot counts as frozen (env units)")
+    parser.add_argument("--freeze-steps", type=int, default=d.freeze_steps, help="steps without motion that make a freeze")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads")
 
 
 def run(args) -> int:
@@ -29,9 +38,18 @@ def run(args) -> int:
         raise ValueError(f"--sigmas must be comma-separated numbers: {err}") from err
     if args.episodes < 1:
         raise ValueError("--episodes must be at least 1")
+    env_kwargs = {}
+    if args.env_kwargs:
+        try:
+            env_kwargs = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
+        if not isinstance(env_kwargs, dict):
+            raise ValueError("--env-kwargs must be a JSON object")
     cfg = StallSweepConfig(task=args.task, checkpoint=args.checkpoint, method=args.method, sigmas=sigmas,
                            lam_stall=args.lam_stall, eps=args.eps, episodes=args.episodes,
                            seed_start=args.seed_start, num_envs=args.num_envs, out=args.out,
-                           max_steps=args.max_steps)
+                           max_steps=args.max_steps, env_kwargs=env_kwargs, freeze_tol=args.freeze_tol,
+                           freeze_steps=args.freeze_steps, threads=args.threads)
     print(markdown_table(run_stall_sweep(cfg)))
     return 0

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
     help_text = {
         "dataset": "LeRobotDataset root or `step collect` folder",
         "out": "checkpoint folder (resumes if it holds a run)",
-        "preset": "backbone size: pusht_state, pusht_image, tiny",
+        "preset": "backbone size: state (= pusht_state), pusht_image, tiny",
         "eval_every": "0: no periodic rollouts",
         "threads": "torch CPU threads (0: torch's default)",
     }
