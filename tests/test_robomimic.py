@@ -43,6 +43,25 @@ def test_slow_expert_succeeds(task, seed):
     assert success
 
 
+def test_toolhang_expert_stands_the_frame_in_its_mount():
+    """First sub-goal of ToolHang: the frame's tip goes into the stand's mount (frame_is_assembled) within 300
+    steps; the expert then moves on to the tool."""
+    env = make_env("toolhang", obs_type="state")
+    expert = make_expert("toolhang", env)
+    obs, _ = env.reset(seed=0)
+    expert.reset()
+    sim_env = env.unwrapped.sim_env
+    for _ in range(300):
+        action = expert.act(obs)
+        assert env.action_space.contains(action)
+        obs, *_ = env.step(action)
+        if expert.experts[0].phase.startswith("tool"):
+            break
+    assert sim_env._check_frame_assembled()
+    assert expert.experts[0].phase.startswith("tool")
+    env.close()
+
+
 def test_expert_is_deterministic_per_seed():
     _, first = run_expert("lift", 7)
     _, second = run_expert("lift", 7)

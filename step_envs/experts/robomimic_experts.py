@@ -10,7 +10,8 @@ hand. "Down" poses are Rz(yaw) @ DOWN, where DOWN points the hand at the table w
 world y (the Panda's pose at reset); yaw then sets the closing axis to (-sin yaw, cos yaw).
 
 Lift, Can and Square are phase machines; Transport runs one generator per arm (a waypoint sequence as
-straight-line code) that synchronise at the handover. ToolHang has no expert yet.
+straight-line code) that synchronise at the handover. ToolHang stands the frame in its mount reliably; hanging
+the tool is scripted (threading the hole over the hook's upright end, pitched) but does not succeed yet.
 
 Measure: ``python -m step_envs.experts.robomimic_experts --task square --seeds 50``.
 """
@@ -572,7 +573,299 @@ class TransportExpert:
         yield from self._move(1, lambda: hand_over_bin(c.carry_z), yaw, OPEN)
 
 
-EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert, "transport": TransportExpert}
+# ---------------------------------------------------------------------------------------------------- ToolHang
+def turned(start: np.ndarray, end: np.ndarray, angle: float) -> np.ndarray:
+    """The rotation ``angle`` radians from start towards end along the shortest path (end once within reach)."""
+    rotvec = Rotation.from_matrix(end @ start.T).as_rotvec()
+    total = float(np.linalg.norm(rotvec))
+    if total <= angle:
+        return end
+    return Rotation.from_rotvec(rotvec * (angle / total)).as_matrix() @ start
+
+
+def held_pose(arm: Arm, point: np.ndarray, rot: np.ndarray, want_point: np.ndarray, want_rot: np.ndarray):
+    """Hand pose that puts a rigidly held object's (point, rot) at (want_point, want_rot)."""
+    hand_in_object = rot.T @ (arm.pos() - point)
+    return want_point + want_rot @ hand_in_object, want_rot @ rot.T @ arm.rot()
+
+
+@dataclass
+class ToolHangExpertConfig:
+    gains: OSCGains = field(default_factory=lambda: OSCGains(max_rot_action=0.3))
+    approach_height: float = 0.06
+    tolerance: float = 0.01
+    close_steps: int = 15
+    open_steps: int = 10
+    turn_rate: float = 0.05  # radians per step of a held object's target orientation
+    turn_tolerance: float = 0.05  # radians, held object to its target orientation before moving on
+    # The frame: grasped by its grip lying down, turned upright (its tip 18.5 cm below the grip) above the lift
+    # height, then its tip lowered into the stand's mount (1 cm walls, 7.5 mm bar: 1.2 mm play each side).
+    frame_lift_z: float = 1.22  # hand height while turning the frame: the tip clears the stand's walls
+    # Yaw of the upright frame. 0 puts the hook's free end towards the robot (the hand points left holding the
+    # frame): the frame goes in reliably, but the tool's threading pose (hand pointing forward, 30 cm from the
+    # base) folds the elbow into its stop. -90 degrees (free end at +y) would give a comfortable threading pose
+    # but turning the frame there runs the wrist (joint 5) into its stop.
+    frame_yaw: float = 0.0
+    turn_offset: tuple[float, float] = (0.0, -0.1)  # hand xy relative to the mount while turning the frame
+    hover_height: float = 0.03  # tip above the mount's walls before lowering
+    insert_step: float = 0.008  # metres per step the tip's target goes down while inserting
+    insert_depth: float = 0.012  # tip above the base's top surface when letting go (success needs < 0.017)
+    align_tolerance: float = 0.0015  # tip to the mount's axis before lowering
+    # The tool: grasped by its grip, turned so its hole's axis runs along the hook with the hole on top, and
+    # pitched 45 degrees (hole leaning towards the post) so the hook's upright end passes through the hole.
+    tool_lift_z: float = 1.15
+    tool_stage_back: float = 0.12  # hand this far back from the hook's free end while turning the tool
+    thread_pitch: float = np.pi / 4
+    hole_tolerance: float = 0.002  # hole centre to a threading waypoint
+    # Threading waypoints of the hole centre: (along the hook from its free end, above the hook's axis), metres.
+    thread_path: tuple[tuple[float, float], ...] = (
+        (-0.06, 0.03), (-0.025, 0.00975), (0.004, 0.00975), (0.004, 0.0), (0.025, 0.0))
+    rest_drop: float = 0.004  # lower the hole this far below the hook's axis before letting go
+    back_off: float = 0.08  # hand retreats along its pointing axis after letting go
+    phase_timeout: int = 150
+
+
+class ToolHangExpert(PhaseExpert):
+    """Stand the frame in the stand's mount, then thread the tool's hole onto the frame's hook and let go.
+
+    Held objects are steered through the grasp: the hand target is the pose that puts the object where it
+    should be (``held_pose``), so grasp offsets and slip are corrected every step.
+    """
+
+    phases = ("frame_above", "frame_descend", "frame_close", "frame_lift", "frame_turn",
+              "frame_over", "frame_insert", "frame_release", "frame_back",
+              "tool_above", "tool_descend", "tool_close", "tool_lift", "tool_turn", "tool_thread",
+              "tool_unpitch", "tool_rest", "tool_release", "tool_back")
+
+    def __init__(self, env, config: ToolHangExpertConfig | None = None):
+        self.config = config or ToolHangExpertConfig()
+        self.gains = self.config.gains
+        super().__init__(env)
+
+    def reset(self) -> None:
+        super().reset()
+        self.turn_start = None  # held object's orientation when the current turn began
+        self.waypoint = 0
+        self.hold_pos = None
+        self.log: list[tuple[str, int]] = []  # (phase entered, episode step): where episodes stall
+        self.t = 0
+
+    def goto(self, phase: str) -> None:
+        super().goto(phase)
+        self.turn_start = None
+        self.log.append((phase, self.t))
+
+    def act(self, obs) -> np.ndarray:
+        self.t += 1
+        return super().act(obs)
+
+    # ---------------------------------------------------------------- scene
+    def frame(self):
+        """Frame tip (the end that goes into the mount) and orientation (z: along the post, x: along the hook
+        away from its free end)."""
+        return self.site_pos("frame_tip_site"), self.body_xmat(self.sim_env.frame.root_body)
+
+    def mount(self) -> tuple[np.ndarray, float]:
+        """Centre of the mount's hole (xy, top z) and the base's top surface height."""
+        walls = [np.array(self.sim_env.sim.data.get_geom_xpos(f"stand_wall{i}")) for i in range(4)]
+        sizes = self.sim_env.sim.model.geom_size
+        top = walls[0][2] + sizes[self.sim_env.sim.model.geom_name2id("stand_wall0")][2]
+        base = self.sim_env.sim.data.get_geom_xpos("stand_base")
+        base_top = base[2] + sizes[self.sim_env.sim.model.geom_name2id("stand_base")][2]
+        return np.array([*np.mean(walls, axis=0)[:2], top]), float(base_top)
+
+    def tool(self):
+        return self.site_pos("tool_hole1_center"), self.body_xmat(self.sim_env.tool.root_body)
+
+    def hook(self):
+        """Free end of the hook (on its axis) and the unit direction from there towards the post."""
+        free_end = self.site_pos("frame_hang_site")
+        along = self.site_pos("frame_intersection_site") - free_end
+        return free_end, along / np.linalg.norm(along)
+
+    def tool_goal_rot(self, pitch: float) -> np.ndarray:
+        """Tool orientation for threading: hole axis (tool z) against the hook direction, handle (tool x) down
+        from the hole, leaning back by ``pitch`` so the hole's top leads towards the post."""
+        _, d = self.hook()
+        d = np.array([d[0], d[1], 0.0]) / np.linalg.norm(d[:2])
+        up = np.array([0.0, 0.0, 1.0])
+        x = -np.cos(pitch) * up - np.sin(pitch) * d
+        z = -np.cos(pitch) * d + np.sin(pitch) * up
+        return np.column_stack([x, np.cross(z, x), z])
+
+    def turn(self, rot: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """Target orientation of a held object turning at the configured rate from where the turn began."""
+        if self.turn_start is None:
+            self.turn_start = rot
+        return turned(self.turn_start, goal, self.config.turn_rate * self.phase_steps)
+
+    # ---------------------------------------------------------------- phases
+    def step(self) -> np.ndarray:
+        if self.phase.startswith("frame"):
+            return self.frame_step()
+        return self.tool_step()
+
+    def frame_step(self) -> np.ndarray:
+        c, arm = self.config, self.arm()
+        tip, rot = self.frame()
+        grip = np.array(self.sim_env.sim.data.get_geom_xpos("frame_grip_frame"))
+        timed_out = self.phase_steps > c.phase_timeout
+        if self.phase in ("frame_above", "frame_descend"):
+            # The frame lies on its side: close the fingers across the grip, along the hook (frame x).
+            x = rot[:, 0]
+            yaw = self.grasp_yaw(np.arctan2(-x[0], x[1]), rot_z(c.frame_yaw) @ rot.T)
+            if self.phase == "frame_above":
+                target = grip + [0, 0, c.approach_height]
+                if reached(arm, target, c.tolerance) or timed_out:
+                    self.goto("frame_descend")
+                return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
+            if reached(arm, grip, c.tolerance / 2) or self.stalled() or timed_out:
+                self.goto("frame_close")
+            return arm.action(grip, rot_z(yaw) @ DOWN, OPEN)
+        if self.phase == "frame_close":
+            if self.phase_steps >= c.close_steps:
+                self.goto("frame_lift")
+                self.hold_pos = None
+            return arm.action(arm.pos(), arm.rot(), CLOSE)
+        mount, base_top = self.mount()
+        goal = rot_z(c.frame_yaw)
+        if self.phase == "frame_lift":
+            # Up and over the mount, still lying flat: the turn happens where the arm is least stretched.
+            target = np.array([*(mount[:2] + c.turn_offset), c.frame_lift_z])
+            if reached(arm, target, 2 * c.tolerance) or self.stalled() or timed_out:
+                self.goto("frame_turn")
+                self.hold_pos = target
+            return arm.action(target, arm.rot(), CLOSE)
+        if self.phase == "frame_turn":
+            # Upright (post vertical, tip down) and at the goal yaw, turning about the grip.
+            _, hand_rot = held_pose(arm, tip, rot, tip, self.turn(rot, goal))
+            if self.rot_error(rot, goal) < c.turn_tolerance or timed_out:
+                self.goto("frame_over")
+            return arm.action(self.hold_pos, hand_rot, CLOSE)
+        if self.phase == "frame_over":
+            want = mount + [0, 0, c.hover_height]
+            hand, hand_rot = held_pose(arm, tip, rot, want, goal)
+            if np.linalg.norm(tip - want) < c.align_tolerance * 2 or timed_out:
+                self.goto("frame_insert")
+            return arm.action(hand, hand_rot, CLOSE)
+        if self.phase == "frame_insert":
+            depth = base_top + c.insert_depth
+            want = np.array([*mount[:2], max(depth, tip[2] - c.insert_step)])
+            hand, hand_rot = held_pose(arm, tip, rot, want, goal)
+            if tip[2] < depth + 0.003 or self.stalled(min_steps=20, speed=2e-4) or timed_out:
+                self.goto("frame_release")
+                self.hold_pos = arm.pos()
+            return arm.action(hand, hand_rot, CLOSE)
+        if self.phase == "frame_release":
+            if self.phase_steps >= c.open_steps:
+                self.goto("frame_back")
+                self.hold_pos = arm.pos() - c.back_off * arm.rot()[:, 2]
+            return arm.action(self.hold_pos, arm.rot(), OPEN)
+        # frame_back: straight out along the fingers, then on to the tool
+        if reached(arm, self.hold_pos, 2 * c.tolerance) or self.stalled() or timed_out:
+            self.goto("tool_above")
+        return arm.action(self.hold_pos, arm.rot(), OPEN)
+
+    def grasp_yaw(self, yaw: float, turn: np.ndarray) -> float:
+        """Of the two hand yaws that close the fingers along the same axis (yaw, yaw + pi), the one whose hand,
+        after the held object's ``turn`` (a world-frame rotation), is closest to the unwound wrist pointing the
+        same way: the other one runs the last wrist joints into their stops."""
+        arm = self.arm()
+
+        def wound(a: float) -> float:
+            hand = turn @ rot_z(a) @ DOWN
+            z = hand[:, 2]
+            x = np.cross(z, [0.0, 0.0, 1.0])
+            x = x / max(np.linalg.norm(x), 1e-6)
+            return self.rot_error(hand, np.column_stack([x, np.cross(z, x), z]))
+
+        best = min((yaw, yaw + np.pi), key=wound)
+        return arm.yaw() + wrap(best - arm.yaw())
+
+    def rot_error(self, rot: np.ndarray, goal: np.ndarray) -> float:
+        return float(np.linalg.norm(Rotation.from_matrix(goal @ rot.T).as_rotvec()))
+
+    def tool_step(self) -> np.ndarray:
+        c, arm = self.config, self.arm()
+        hole, rot = self.tool()
+        centre = self.body_pos(self.sim_env.tool.root_body)
+        timed_out = self.phase_steps > c.phase_timeout
+        if self.phase in ("tool_above", "tool_descend"):
+            # Flat on the table: close the fingers across the handle (tool x), i.e. along tool y. Of the two
+            # hand yaws that do, take the one whose hand, once the tool is turned for threading, is closest to
+            # the unwound wrist pointing along the hook (else the last wrist joint runs into its stop).
+            y = rot[:, 1]
+            yaw = self.grasp_yaw(np.arctan2(-y[0], y[1]), self.tool_goal_rot(c.thread_pitch) @ rot.T)
+            if self.phase == "tool_above":
+                target = centre + [0, 0, c.approach_height]
+                if reached(arm, target, c.tolerance) or timed_out:
+                    self.goto("tool_descend")
+                return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
+            if reached(arm, centre, c.tolerance / 2) or self.stalled() or timed_out:
+                self.goto("tool_close")
+            return arm.action(centre, rot_z(yaw) @ DOWN, OPEN)
+        if self.phase == "tool_close":
+            if self.phase_steps >= c.close_steps:
+                self.goto("tool_lift")
+            return arm.action(arm.pos(), arm.rot(), CLOSE)
+        free_end, d = self.hook()
+        if self.phase == "tool_lift":
+            # Up, then (still flat, above the hook) back from the hook's free end: the hand turns to point along
+            # the hook where that is an easy, forward reach.
+            if arm.pos()[2] < c.tool_lift_z - 0.05:
+                target = np.array([*arm.pos()[:2], c.tool_lift_z])
+            else:
+                target = np.array([*(free_end[:2] - c.tool_stage_back * d[:2]), c.tool_lift_z])
+            if reached(arm, target, 2 * c.tolerance) or timed_out:
+                self.goto("tool_turn")
+                self.hold_pos = target
+            return arm.action(target, arm.rot(), CLOSE)
+        up = np.array([0.0, 0.0, 1.0])
+        if self.phase == "tool_turn":
+            goal_rot = self.tool_goal_rot(c.thread_pitch)
+            goal = self.turn(rot, goal_rot)
+            _, hand_rot = held_pose(arm, hole, rot, hole, goal)
+            if self.rot_error(rot, goal_rot) < c.turn_tolerance or timed_out:
+                self.goto("tool_thread")
+                self.waypoint = 0
+            return arm.action(self.hold_pos, hand_rot, CLOSE)
+        if self.phase == "tool_thread":
+            s, h = c.thread_path[self.waypoint]
+            want = free_end + s * d + h * up
+            hand, hand_rot = held_pose(arm, hole, rot, want, self.tool_goal_rot(c.thread_pitch))
+            tolerance = c.tolerance if self.waypoint == 0 else c.hole_tolerance
+            if np.linalg.norm(hole - want) < tolerance or self.stalled(min_steps=30) or timed_out:
+                self.waypoint += 1
+                self.phase_steps = 0
+                if self.waypoint == len(c.thread_path):
+                    self.goto("tool_unpitch")
+            return arm.action(hand, hand_rot, CLOSE)
+        s, _ = c.thread_path[-1]
+        if self.phase == "tool_unpitch":
+            want = free_end + s * d
+            goal_rot = self.tool_goal_rot(0.0)
+            goal = self.turn(rot, goal_rot)
+            hand, hand_rot = held_pose(arm, hole, rot, want, goal)
+            if self.rot_error(rot, goal_rot) < c.turn_tolerance or timed_out:
+                self.goto("tool_rest")
+            return arm.action(hand, hand_rot, CLOSE)
+        if self.phase == "tool_rest":
+            want = free_end + s * d - c.rest_drop * up
+            hand, hand_rot = held_pose(arm, hole, rot, want, self.tool_goal_rot(0.0))
+            if np.linalg.norm(hole - want) < c.hole_tolerance or self.stalled(min_steps=20) or timed_out:
+                self.goto("tool_release")
+                self.hold_pos = arm.pos()
+            return arm.action(hand, hand_rot, CLOSE)
+        if self.phase == "tool_release":
+            if self.phase_steps >= c.open_steps:
+                self.goto("tool_back")
+                self.hold_pos = arm.pos() - c.back_off * arm.rot()[:, 2]
+            return arm.action(self.hold_pos, arm.rot(), OPEN)
+        return arm.action(self.hold_pos, arm.rot(), OPEN)
+
+
+EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert, "transport": TransportExpert,
+           "toolhang": ToolHangExpert}
 
 
 def make_robomimic_expert(task: str, env):
