@@ -191,3 +191,52 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ----- release copies (what gets committed under checkpoints/) -----
+
+RELEASE_LOGS = ("loss.jsonl", "eval.jsonl", "train_config.json")
+PREDICTOR_LOGS = ("train_report.json",)
+
+
+def _half_weights(tensors: dict[str, torch.Tensor], keep_prefix: str | None) -> dict[str, torch.Tensor]:
+    """float32 -> float16 storage; tensors under ``keep_prefix`` (the normaliser stats) stay exact."""
+    return {k: (v.half() if v.dtype == torch.float32 and not (keep_prefix and k.startswith(keep_prefix)) else v)
+            for k, v in tensors.items()}
+
+
+def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> dict:
+    """Copy a trained policy and its predictor into a small release folder (no optimiser state).
+
+    With ``half`` the weights are stored as float16 (half the bytes; agents still run in float32, as
+    ``load_state_dict`` casts them back). The normaliser stats are kept in float32 so the policy's
+    fingerprint, and with it the predictor's link to the policy, does not change.
+    """
+    src, dst = Path(src), Path(dst)
+    config = read_policy_config(src)
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(src / "model.safetensors"))
+    _save_tensors(dst / "model.safetensors", _half_weights(weights, "normalizer.") if half else weights)
+    config["weights_dtype"] = "float16" if half else "float32"
+    _write_json(dst / "config.json", config)
+    for name in RELEASE_LOGS:
+        if (src / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
+    predictor_src = find_predictor(src)
+    if predictor_src is not None:
+        predictor_dst = dst / "predictor"
+        predictor_dst.mkdir(exist_ok=True)
+        weights = load_file(str(predictor_src / "predictor.safetensors"))
+        _save_tensors(predictor_dst / "predictor.safetensors", _half_weights(weights, None) if half else weights)
+        for name in ("config.json",) + PREDICTOR_LOGS:
+            if (predictor_src / name).exists():
+                (predictor_dst / name).write_bytes((predictor_src / name).read_bytes())
+    # Load what was written, so a broken export fails here and not in someone's benchmark.
+    backbone, _ = load_policy(dst, task=config["task"])
+    if predictor_src is not None:
+        load_predictor(dst / "predictor", backbone)
+    return {"task": config["task"], "out": str(dst), "predictor": predictor_src is not None,
+            "bytes": sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())}

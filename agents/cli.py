@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-robomimic": ("agents.commands.import_robomimic", "import a RoboMimic hdf5 dataset as a LeRobotDataset"),
     "train-policy": ("agents.commands.train_policy", "train the diffusion backbone (resumable, EMA, rollout score)"),
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
+    "export": ("agents.commands.export", "copy a trained policy + predictor to a small release folder (float16)"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
     "stall-sweep": ("agents.commands.stall_sweep", "STEP with and without the stall perturbation, over sigma"),
     "latency": ("agents.commands.latency", "batch-1 chunk latency per method beside the one-NFE time"),

@@ -45,3 +45,25 @@ def test_train_predictor_smoke_with_ablation(tiny_dataset, tiny_checkpoint, tmp_
         assert set(metrics[name]) == {"mse", "mare"}
     assert config["parameters"] < 1_000_000
     assert (out / "predictor.safetensors").exists()
+
+
+def test_export_halves_weights_and_keeps_the_predictor_link(tiny_checkpoint, tmp_path):
+    import torch
+
+    from agents.checkpoint import export_checkpoint, load_policy, load_predictor
+    from agents.cli import main
+
+    out = tmp_path / "release"
+    report = export_checkpoint(tiny_checkpoint, out)
+    assert report["predictor"] and not (out / "training_state.safetensors").exists()
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (tiny_checkpoint / "model.safetensors").stat().st_size
+    original, _ = load_policy(tiny_checkpoint)
+    exported, config = load_policy(out)
+    assert config["weights_dtype"] == "float16"
+    load_predictor(out / "predictor", exported)  # the fingerprint (normaliser stats) survived the export
+    for (name, a), b in zip(original.state_dict().items(), exported.state_dict().values()):
+        assert b.dtype == a.dtype  # agents still run in float32
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4, msg=name)
+    # A second export into the same folder is refused unless asked for.
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 2
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--overwrite"]) == 0
