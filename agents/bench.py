@@ -163,3 +163,67 @@ def pareto_plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def load_report(folder) -> dict:
+    path = Path(folder) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No bench results at {path}; run `step bench --task ... --out {folder}` first.")
+    return json.loads(path.read_text())
+
+
+def combined_table(reports: list[dict]) -> str:
+    """Several tasks side by side (the paper's Table 2/3 layout): success and batch-1 time per method."""
+    if not reports:
+        raise ValueError("combined_table needs at least one bench report")
+    keys = []  # (method, steps) in first-seen order
+    cells = {}
+    for column, report in enumerate(reports):  # by position: two reports may share a task
+        for row in report["rows"]:
+            key = (row["method"], row["steps"])
+            if key not in cells:
+                keys.append(key)
+                cells[key] = {}
+            cells[key][column] = row
+    tasks = [r["task"] for r in reports]
+    header = "| Method | Step | " + " | ".join(f"{t} success | {t} ms" for t in tasks) + " |"
+    lines = [header, "|---|---|" + "---|---|" * len(tasks)]
+    previous = None
+    for method, steps in keys:
+        name = METHOD_NAMES.get(method, method)
+        shown, previous = (name if name != previous else ""), name
+        values = []
+        for column in range(len(reports)):
+            row = cells[(method, steps)].get(column)
+            values += ([f"{row['success_rate']:.2f}", f"{row['latency_ms']['median']:.1f}"] if row else ["-", "-"])
+        lines.append(f"| {shown} | {steps} | " + " | ".join(values) + " |")
+    episodes = ", ".join(f"{r['task']} {r['rows'][0]['episodes']} episodes" for r in reports)
+    lines += ["", f"Success over {episodes} (seeds from {reports[0]['rows'][0]['seed_start']}); time: median batch-1 "
+              "chunk latency on the CPU."]
+    return "\n".join(lines) + "\n"
+
+
+def combined_plot(reports: list[dict], path: Path) -> None:
+    """One success-vs-latency panel per task, same colours per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 4.0), dpi=110, squeeze=False)
+    colours = {}
+    for ax, report in zip(axes[0], reports):
+        for row in report["rows"]:
+            colour = colours.setdefault(row["method"], f"C{len(colours)}")
+            x, y = row["latency_ms"]["median"], row["success_rate"]
+            ax.scatter(x, y, color=colour, s=36, zorder=3)
+            ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(report["task"])
+        ax.set_xlabel("chunk latency, batch 1 (ms)")
+    axes[0][0].set_ylabel("success rate")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

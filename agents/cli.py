@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
     "export": ("agents.commands.export", "copy a trained policy + predictor to a small release folder (float16)"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
+    "table": ("agents.commands.table", "several tasks' bench results side by side (Table 2/3) + Pareto panels"),
     "stall-sweep": ("agents.commands.stall_sweep", "STEP with and without the stall perturbation, over sigma"),
     "latency": ("agents.commands.latency", "batch-1 chunk latency per method beside the one-NFE time"),
 }

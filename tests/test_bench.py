@@ -25,3 +25,24 @@ def test_bench_without_checkpoint_is_clear(tmp_path, capsys):
     code = main(["bench", "--task", "pusht", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert code == 2
     assert "No policy checkpoint" in capsys.readouterr().err
+
+
+def _report(task, rows):
+    return {"task": task, "rows": [
+        {"method": m, "steps": k, "episodes": 10, "seed_start": 0, "success_rate": s, "latency_ms": {"median": ms}}
+        for m, k, s, ms in rows]}
+
+
+def test_table_puts_tasks_side_by_side(tmp_path, capsys):
+    for task, rows in {"lift": [("ddpm", 100, 1.0, 700.0), ("step", 2, 0.9, 15.0)],
+                       "can": [("step", 2, 0.5, 16.0), ("ddim", 2, 0.25, 14.0)]}.items():
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "results.json").write_text(json.dumps(_report(task, rows)))
+    assert main(["table", str(tmp_path / "lift"), str(tmp_path / "can"), "--out", str(tmp_path / "t")]) == 0
+    table = (tmp_path / "t" / "table.md").read_text()
+    assert "| Method | Step | lift success | lift ms | can success | can ms |" in table
+    assert "| STEP | 2 | 0.90 | 15.0 | 0.50 | 16.0 |" in table
+    assert "| Vanilla (DDPM) | 100 | 1.00 | 700.0 | - | - |" in table  # a method one task lacks
+    assert "| DDIM | 2 | - | - | 0.25 | 14.0 |" in table
+    assert (tmp_path / "t" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["table", str(tmp_path / "missing")]) == 2
