@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -41,6 +41,9 @@ class BenchConfig:
     latency_calls: int = 50
     latency_threads: int = 1  # batch-1 latency is measured with a fixed torch thread count
     max_steps: int | None = None  # cap episodes below the task horizon (quick smoke runs only)
+    # Re-measure only the latency of an existing results.json in ``out`` (e.g. on a quiet machine after
+    # rollouts that ran beside other jobs); success rows are kept as they are.
+    latency_only: bool = False
     progress: bool = True
 
 
@@ -65,6 +68,45 @@ def run_bench(cfg: BenchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
+    if cfg.latency_only:
+        previous = load_report(out)
+        if previous["task"] != spec.name or Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
+            raise ValueError(f"{out}/results.json is for {previous['task']} / {previous['checkpoint']}, "
+                             f"not {spec.name} / {checkpoint}.")
+        cfg = replace(cfg, methods=tuple(previous["config"]["methods"]))
+        rows = previous["rows"]
+    else:
+        rows = _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods)
+
+    # Latency after the rollouts, with its own fixed thread count, one method after another.
+    threads_before = torch.get_num_threads()
+    env = make_env(spec.name, obs_type=obs_type)
+    latency_rows = measure_latency(
+        backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
+                                           threads=cfg.latency_threads), env.action_space)
+    env.close()
+    torch.set_num_threads(threads_before)
+    for row, lat in zip(rows, latency_rows):
+        row.update(latency_ms=lat["latency_ms"], nfe_ms_median=lat["nfe_ms_median"], ratio=lat["ratio"])
+
+    report = {
+        "task": spec.name,
+        "checkpoint": str(checkpoint),
+        "obs_type": obs_type,
+        "latency_threads": cfg.latency_threads,
+        # a latency-only rerun keeps the wall time of the run that made the success rows
+        "wall_seconds": previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start,
+        "latency_remeasured": cfg.latency_only,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown_table(report))
+    pareto_plot(report, out / "pareto.png")
+    return report
+
+
+def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods) -> list[dict]:
     rows = []
     for spec_str, (name, steps) in zip(cfg.methods, methods):
         env = make_env(spec.name, obs_type=obs_type, num_envs=min(cfg.num_envs, len(seeds)))
@@ -86,31 +128,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "success_rate": summary["success_rate"], "mean_max_reward": summary["mean_max_reward"],
             "rollout_seconds": rollout_seconds,
         })
-
-    # Latency after the rollouts, with its own fixed thread count, one method after another.
-    threads_before = torch.get_num_threads()
-    env = make_env(spec.name, obs_type=obs_type)
-    latency_rows = measure_latency(
-        backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
-                                           threads=cfg.latency_threads), env.action_space)
-    env.close()
-    torch.set_num_threads(threads_before)
-    for row, lat in zip(rows, latency_rows):
-        row.update(latency_ms=lat["latency_ms"], nfe_ms_median=lat["nfe_ms_median"], ratio=lat["ratio"])
-
-    report = {
-        "task": spec.name,
-        "checkpoint": str(checkpoint),
-        "obs_type": obs_type,
-        "latency_threads": cfg.latency_threads,
-        "wall_seconds": time.perf_counter() - t_start,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
-        "rows": rows,
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown_table(report))
-    pareto_plot(report, out / "pareto.png")
-    return report
+    return rows
 
 
 def _label(row: dict) -> str:

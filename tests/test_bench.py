@@ -19,6 +19,13 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     table = (out / "results.md").read_text()
     assert "| STEP | 2 |" in table and "| DDIM | 2 |" in table
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # Latency re-measured alone keeps every success row and the methods of the first run.
+    assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--latency-only", "--latency-calls", "2"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["latency_remeasured"] and again["wall_seconds"] == report["wall_seconds"]
+    assert [(r["method"], r["steps"], r["success_rate"]) for r in again["rows"]] == [
+        (r["method"], r["steps"], r["success_rate"]) for r in report["rows"]]
 
 
 def test_bench_without_checkpoint_is_clear(tmp_path, capsys):

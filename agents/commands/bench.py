@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency-calls", type=int, default=d.latency_calls)
     parser.add_argument("--max-steps", type=int, default=None, help="cap episodes (smoke runs; not for reports)")
     parser.add_argument("--latency-threads", type=int, default=d.latency_threads)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="keep the success rows of OUT/results.json and re-measure only the latency")
 
 
 def run(args) -> int:
@@ -25,7 +27,8 @@ def run(args) -> int:
         raise ValueError("--methods is empty")
     cfg = BenchConfig(task=args.task, methods=methods, episodes=args.episodes, seed_start=args.seed_start,
                       num_envs=args.num_envs, checkpoint=args.checkpoint, out=args.out or f"results/{args.task}",
-                      latency_calls=args.latency_calls, latency_threads=args.latency_threads, max_steps=args.max_steps)
+                      latency_calls=args.latency_calls, latency_threads=args.latency_threads, max_steps=args.max_steps,
+                      latency_only=args.latency_only)
     report = run_bench(cfg)
     from agents.bench import markdown_table
 
