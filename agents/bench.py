@@ -159,14 +159,8 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    colours = {}
+def _pareto_panel(ax, report: dict, colours: dict) -> None:
+    """Success against batch-1 latency (log scale) for one task; ``colours`` keeps methods alike across panels."""
     for row in report["rows"]:
         colour = colours.setdefault(row["method"], f"C{len(colours)}")
         x, y = row["latency_ms"]["median"], row["success_rate"]
@@ -174,14 +168,23 @@ def pareto_plot(report: dict, path: Path) -> None:
         ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("chunk latency, batch 1 (ms, log scale)")
-    ax.set_ylabel("success rate")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    _pareto_panel(ax, report, {})
+    ax.set_ylabel("success rate")
     ax.set_title(f"{report['task']}: success vs latency")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
 
 def load_report(folder) -> dict:
     path = Path(folder) / "results.json"
@@ -228,19 +231,11 @@ def combined_plot(reports: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 4.0), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.4 * len(reports), 4.0), dpi=110, squeeze=False)
     colours = {}
     for ax, report in zip(axes[0], reports):
-        for row in report["rows"]:
-            colour = colours.setdefault(row["method"], f"C{len(colours)}")
-            x, y = row["latency_ms"]["median"], row["success_rate"]
-            ax.scatter(x, y, color=colour, s=36, zorder=3)
-            ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(True, which="both", alpha=0.3)
+        _pareto_panel(ax, report, colours)
         ax.set_title(report["task"])
-        ax.set_xlabel("chunk latency, batch 1 (ms)")
     axes[0][0].set_ylabel("success rate")
     fig.tight_layout()
     fig.savefig(path)

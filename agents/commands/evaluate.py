@@ -27,16 +27,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env-kwargs", default=None, help='extra env keyword arguments as JSON, e.g. \'{"robot_id": "arm1"}\'')
 
 
+def parse_env_kwargs(text: str | None) -> dict:
+    """The --env-kwargs option: a JSON object (or nothing)."""
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
+    if not isinstance(kwargs, dict):
+        raise ValueError("--env-kwargs must be a JSON object")
+    return kwargs
+
+
 def env_kwargs_from_args(args) -> dict:
     """Keyword arguments for the env: --env-kwargs JSON plus --port/--camera when given."""
-    kwargs = {}
-    if args.env_kwargs:
-        try:
-            kwargs = json.loads(args.env_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
-        if not isinstance(kwargs, dict):
-            raise ValueError("--env-kwargs must be a JSON object")
+    kwargs = parse_env_kwargs(args.env_kwargs)
     if args.port is not None:
         kwargs["port"] = args.port
     if args.camera is not None:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
+from agents.commands.evaluate import parse_env_kwargs
 from agents.stall_sweep import StallSweepConfig, markdown_table, run_stall_sweep
 
 
@@ -38,14 +37,7 @@ def run(args) -> int:
         raise ValueError(f"--sigmas must be comma-separated numbers: {err}") from err
     if args.episodes < 1:
         raise ValueError("--episodes must be at least 1")
-    env_kwargs = {}
-    if args.env_kwargs:
-        try:
-            env_kwargs = json.loads(args.env_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
-        if not isinstance(env_kwargs, dict):
-            raise ValueError("--env-kwargs must be a JSON object")
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
     cfg = StallSweepConfig(task=args.task, checkpoint=args.checkpoint, method=args.method, sigmas=sigmas,
                            lam_stall=args.lam_stall, eps=args.eps, episodes=args.episodes,
                            seed_start=args.seed_start, num_envs=args.num_envs, out=args.out,
