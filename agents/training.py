@@ -435,6 +435,11 @@ def train_predictor(cfg: TrainPredictorConfig) -> dict:
                 cond_dim=train.cond.shape[1], shift=pc.n_action_steps, prev_dropout=cfg.prev_dropout)
     model = Predictor(PredictorConfig(**base))
     _fit_predictor(model, train, cfg, "train-predictor")
+    params = sum(p.numel() for p in model.parameters())
+    extra = {"policy_checkpoint": str(Path(cfg.policy).resolve()), "parameters": params,
+             "train_config": dataclasses.asdict(cfg)}
+    # Save before the (long) ablation so that stopping it never loses the predictor itself.
+    save_predictor(out, model, backbone, extra=extra)
     models: dict[str, Predictor | None] = {"predictor": model, "temporal_only": None}
     if cfg.ablation:
         spatial = Predictor(PredictorConfig(**{**base, "use_prev": False, "prev_dropout": 0.0}))
@@ -442,9 +447,5 @@ def train_predictor(cfg: TrainPredictorConfig) -> dict:
         models["spatial_only"] = spatial
     metrics = evaluate_predictors(backbone, val, models)
     metrics["validation_episodes"] = sorted(val_eps) if val_eps else "none (train episodes reused)"
-    params = sum(p.numel() for p in model.parameters())
-    save_predictor(out, model, backbone, extra={
-        "policy_checkpoint": str(Path(cfg.policy).resolve()), "metrics": metrics, "parameters": params,
-        "train_config": dataclasses.asdict(cfg),
-    })
+    save_predictor(out, model, backbone, extra={**extra, "metrics": metrics})
     return {"out": str(out), "parameters": params, "metrics": metrics}
