@@ -155,7 +155,8 @@ def markdown_table(report: dict) -> str:
             f"{row['latency_ms']['median']:.1f} | {row['latency_ms']['p90']:.1f} | {row['nfe_ms_median']:.2f} | "
             f"{row['ratio']:.2f} |")
     lines.append("")
-    lines.append(f"Bench wall time: {report['wall_seconds']:.0f} s.")
+    lines.append(f"Bench wall time: {report['wall_seconds']:.0f} s."
+                 + (" Latency re-measured afterwards on its own (`--latency-only`)." if report.get("latency_remeasured") else ""))
     return "\n".join(lines) + "\n"
 
 
