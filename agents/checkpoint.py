@@ -214,9 +214,8 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
     """
     src, dst = Path(src), Path(dst)
     config = read_policy_config(src)
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
     dst.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(src / "model.safetensors"))
     _save_tensors(dst / "model.safetensors", _half_weights(weights, "normalizer.") if half else weights)

@@ -178,27 +178,23 @@ def _fmt(value, spec=".3f") -> str:
 
 
 def markdown_table(report: dict) -> str:
-    cfg = report.get("config", {})
-    env = json.dumps(report.get("env_kwargs") or {})
+    cfg = report["config"]
+    env = json.dumps(report["env_kwargs"])
     lines = [f"Task: {report['task']}, {report['method']}, stall threshold eps = {report['eps']}, "
              f"{report['rows'][0]['episodes']} episodes per row, env kwargs {env}.", "",
-             f"frozen: agent_pos unchanged (< {cfg.get('freeze_tol', 0.05):g} per step) for >= "
-             f"{cfg.get('freeze_steps', 30)} steps; stuck at end: failed and frozen over the last "
-             f"{cfg.get('freeze_steps', 30)} steps; time frozen: steps with no motion / all steps; fired: replans flagged as stalled; delta: the detector's "
+             f"frozen: agent_pos unchanged (< {cfg['freeze_tol']:g} per step) for >= "
+             f"{cfg['freeze_steps']} steps; stuck at end: failed and frozen over the last "
+             f"{cfg['freeze_steps']} steps; time frozen: steps with no motion / all steps; fired: replans flagged as stalled; delta: the detector's "
              "chunk delta (median over all replans / over replans where the robot had not moved for one chunk).",
              "",
              "| perturbation sigma (when stalled) | success | mean episode time (s) | frozen | stuck at end "
              "| time frozen | fired | delta median (p10) | delta median, frozen |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         label = "none (detector off)" if row["sigma_stall"] == "off" else f"{row['sigma_stall']:g}"
-        stats = ""
-        if "frozen_rate" in row:
-            stats = (f" {row['frozen_rate']:.2f} | {row['frozen_at_end_rate']:.2f} | "
-                     f"{row['frozen_time_fraction']:.1%} | {row['fired_rate']:.1%} | "
-                     f"{_fmt(row['delta_median'])} ({_fmt(row['delta_p10'])}) | {_fmt(row['frozen_delta_median'])} "
-                     f"(n={row['frozen_replans']}) |")
-        else:
-            stats = " - | - | - | - | - | - |"
+        stats = (f" {row['frozen_rate']:.2f} | {row['frozen_at_end_rate']:.2f} | "
+                 f"{row['frozen_time_fraction']:.1%} | {row['fired_rate']:.1%} | "
+                 f"{_fmt(row['delta_median'])} ({_fmt(row['delta_p10'])}) | {_fmt(row['frozen_delta_median'])} "
+                 f"(n={row['frozen_replans']}) |")
         lines.append(f"| {label} | {row['success_rate']:.2f} | {row['mean_episode_seconds']:.1f} |{stats}")
     return "\n".join(lines) + "\n"
 
@@ -215,9 +211,8 @@ def sweep_plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(sigmas, [r["success_rate"] for r in rows], "o-", color="C0", label="success (perturbation on)")
     ax.axhline(off["success_rate"], color="C0", ls="--", label="success, no perturbation")
-    if "frozen_rate" in off:
-        ax.plot(sigmas, [r["frozen_rate"] for r in rows], "^-", color="C2", label="episodes with a freeze")
-        ax.axhline(off["frozen_rate"], color="C2", ls="--", lw=0.8)
+    ax.plot(sigmas, [r["frozen_rate"] for r in rows], "^-", color="C2", label="episodes with a freeze")
+    ax.axhline(off["frozen_rate"], color="C2", ls="--", lw=0.8)
     ax.set_xlabel("perturbation scale sigma when stalled")
     ax.set_ylabel("success rate / freeze rate", color="C0")
     ax.set_ylim(-0.05, 1.05)
@@ -226,7 +221,7 @@ def sweep_plot(report: dict, path: Path) -> None:
     twin.axhline(off["mean_episode_seconds"], color="C1", ls=":")
     twin.set_ylabel("mean episode time (s)", color="C1")
     ax.legend(loc="lower right", fontsize=8)
-    env = report.get("env_kwargs") or {}
+    env = report["env_kwargs"]
     suffix = f" {json.dumps(env)}" if env else ""
     ax.set_title(f"{report['task']}: {report['method']}, eps {report['eps']:g}{suffix}", fontsize=9)
     fig.tight_layout()

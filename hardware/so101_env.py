@@ -45,7 +45,7 @@ import numpy as np
 from gymnasium import spaces
 
 from hardware.safety import SafetyConfig, SafetyGuard, safety_config
-from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, SERVO_PRESETS, TASK_NAMES, TOP_CAMERA, SO101Twin, TwinConfig
+from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, TASK_NAMES, TOP_CAMERA, SO101Twin, TwinConfig, servo_settings
 from step_envs.contract import build_observation_space, check_obs_type, validate_action, wants_pixels, wants_state
 
 FPS = 30
@@ -302,27 +302,6 @@ class SO101Env(gym.Env):
         else:
             success = bool(self.success_fn(obs)) if self.success_fn is not None else False
         return {"is_success": bool(success), "deadline_missed": bool(deadline_missed)}
-
-
-SERVO_FIELDS = ("servo_kp", "static_friction", "load_friction", "stribeck_velocity")
-
-
-def servo_settings(servo: str | dict) -> dict:
-    """Twin servo model from a preset name of ``SERVO_PRESETS`` ("mjcf", "lerobot") or a dict of
-    ``TwinConfig`` servo fields (``servo_kp``, ``static_friction``, ``load_friction``, ``stribeck_velocity``),
-    optionally with ``"preset"`` to start from."""
-    if isinstance(servo, str):
-        servo = {"preset": servo}
-    if not isinstance(servo, dict):
-        raise ValueError(f"servo must be a preset name or a dict, got {type(servo).__name__}.")
-    fields = dict(servo)
-    name = fields.pop("preset", "mjcf")
-    if name not in SERVO_PRESETS:
-        raise ValueError(f"Unknown servo preset {name!r}; known: {', '.join(SERVO_PRESETS)}.")
-    unknown = sorted(set(fields) - set(SERVO_FIELDS))
-    if unknown:
-        raise ValueError(f"Unknown servo fields {unknown}; known: {', '.join(SERVO_FIELDS)} and 'preset'.")
-    return {**SERVO_PRESETS[name], **fields}
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -121,6 +121,25 @@ SERVO_PRESETS = {
     "mjcf": {"servo_kp": None, "static_friction": 0.0, "load_friction": 0.0},
     "lerobot": {"servo_kp": 8.9, "static_friction": 0.143, "load_friction": 0.35},
 }
+SERVO_FIELDS = ("servo_kp", "static_friction", "load_friction", "stribeck_velocity")  # TwinConfig's servo fields
+
+
+def servo_settings(servo: str | dict) -> dict:
+    """Twin servo model from a preset name of ``SERVO_PRESETS`` ("mjcf", "lerobot") or a dict of
+    ``TwinConfig`` servo fields (``servo_kp``, ``static_friction``, ``load_friction``, ``stribeck_velocity``),
+    optionally with ``"preset"`` to start from."""
+    if isinstance(servo, str):
+        servo = {"preset": servo}
+    if not isinstance(servo, dict):
+        raise ValueError(f"servo must be a preset name or a dict, got {type(servo).__name__}.")
+    fields = dict(servo)
+    name = fields.pop("preset", "mjcf")
+    if name not in SERVO_PRESETS:
+        raise ValueError(f"Unknown servo preset {name!r}; known: {', '.join(SERVO_PRESETS)}.")
+    unknown = sorted(set(fields) - set(SERVO_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown servo fields {unknown}; known: {', '.join(SERVO_FIELDS)} and 'preset'.")
+    return {**SERVO_PRESETS[name], **fields}
 
 
 # Rest pose above the table, gripper pointing down and open (LeRobot units). Found with the

@@ -113,7 +113,7 @@ def test_servo_stiction_stalls_small_moves_around_the_present_position():
 
 
 def test_servo_settings_presets_and_errors():
-    from hardware.so101_env import servo_settings
+    from hardware.so101_twin import servo_settings
 
     assert servo_settings("lerobot")["servo_kp"] == 8.9
     assert servo_settings({"preset": "lerobot", "static_friction": 0.3})["static_friction"] == 0.3
