@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
 
 from agents.factory import make_agent, parse_method
 from agents.latency import LatencyConfig, measure_latency
@@ -131,6 +131,31 @@ def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, m
     return rows
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (sound at 0/n and n/n, unlike the normal approximation)."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, {n}], got {successes}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def row_interval(row: dict) -> tuple[float, float]:
+    return wilson_interval(round(row["success_rate"] * row["episodes"]), row["episodes"])
+
+
+def success_cell(row: dict) -> str:
+    lo, hi = row_interval(row)
+    return f"{row['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def seed_range(row: dict) -> str:
+    return f"{row['seed_start']}-{row['seed_start'] + row['episodes'] - 1}"
+
+
 def _label(row: dict) -> str:
     return f"{METHOD_NAMES.get(row['method'], row['method'])}-{row['steps']}"
 
@@ -139,10 +164,11 @@ def markdown_table(report: dict) -> str:
     """The paper's Table 2 layout: per method and step count, score and time."""
     reward_name = "mean max coverage" if report["task"] == "pusht" else "mean max reward"
     lines = [
-        f"Task: {report['task']} ({report['obs_type']}), {report['rows'][0]['episodes']} episodes from seed "
-        f"{report['rows'][0]['seed_start']}; latency: batch 1, {report['latency_threads']} torch thread(s).",
+        f"Task: {report['task']} ({report['obs_type']}), {report['rows'][0]['episodes']} episodes on seeds "
+        f"{seed_range(report['rows'][0])}; success with its 95 % Wilson interval; latency: batch 1, "
+        f"{report['latency_threads']} torch thread(s).",
         "",
-        f"| Method | Step | Success | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | Time / (Step x NFE) |",
+        f"| Method | Step | Success [95 % CI] | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | Time / (Step x NFE) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     previous = None
@@ -151,7 +177,7 @@ def markdown_table(report: dict) -> str:
         shown = name if name != previous else ""
         previous = name
         lines.append(
-            f"| {shown} | {row['steps']} | {row['success_rate']:.2f} | {row['mean_max_reward']:.3f} | "
+            f"| {shown} | {row['steps']} | {success_cell(row)} | {row['mean_max_reward']:.3f} | "
             f"{row['latency_ms']['median']:.1f} | {row['latency_ms']['p90']:.1f} | {row['nfe_ms_median']:.2f} | "
             f"{row['ratio']:.2f} |")
     lines.append("")
@@ -165,10 +191,12 @@ def _pareto_panel(ax, report: dict, colours: dict) -> None:
     for row in report["rows"]:
         colour = colours.setdefault(row["method"], f"C{len(colours)}")
         x, y = row["latency_ms"]["median"], row["success_rate"]
+        lo, hi = row_interval(row)
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], color=colour, alpha=0.5, capsize=2, zorder=2)
         ax.scatter(x, y, color=colour, s=40, zorder=3)
         ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("chunk latency, batch 1 (ms, log scale)")
+    ax.set_xlabel("chunk latency, batch 1 (ms, log scale); bars: 95 % interval")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(True, which="both", alpha=0.3)
 
@@ -217,11 +245,11 @@ def combined_table(reports: list[dict]) -> str:
         values = []
         for column in range(len(reports)):
             row = cells[(method, steps)].get(column)
-            values += ([f"{row['success_rate']:.2f}", f"{row['latency_ms']['median']:.1f}"] if row else ["-", "-"])
+            values += ([success_cell(row), f"{row['latency_ms']['median']:.1f}"] if row else ["-", "-"])
         lines.append(f"| {shown} | {steps} | " + " | ".join(values) + " |")
-    episodes = ", ".join(f"{r['task']} {r['rows'][0]['episodes']} episodes" for r in reports)
-    lines += ["", f"Success over {episodes} (seeds from {reports[0]['rows'][0]['seed_start']}); time: median batch-1 "
-              "chunk latency on the CPU."]
+    episodes = ", ".join(f"{r['task']} {r['rows'][0]['episodes']} episodes on seeds {seed_range(r['rows'][0])}"
+                         for r in reports)
+    lines += ["", f"Success [95 % Wilson interval] over {episodes}; time: median batch-1 chunk latency on the CPU."]
     return "\n".join(lines) + "\n"
 
 

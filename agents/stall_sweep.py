@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.bench import success_cell
 from agents.factory import make_agent
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
@@ -181,7 +182,9 @@ def markdown_table(report: dict) -> str:
     cfg = report["config"]
     env = json.dumps(report["env_kwargs"])
     lines = [f"Task: {report['task']}, {report['method']}, stall threshold eps = {report['eps']}, "
-             f"{report['rows'][0]['episodes']} episodes per row, env kwargs {env}.", "",
+             f"{report['rows'][0]['episodes']} episodes per row on seeds {cfg['seed_start']}-"
+             f"{cfg['seed_start'] + report['rows'][0]['episodes'] - 1}, env kwargs {env}; success with its 95 % "
+             "Wilson interval.", "",
              f"frozen: agent_pos unchanged (< {cfg['freeze_tol']:g} per step) for >= "
              f"{cfg['freeze_steps']} steps; stuck at end: failed and frozen over the last "
              f"{cfg['freeze_steps']} steps; time frozen: steps with no motion / all steps; fired: replans flagged as stalled; delta: the detector's "
@@ -195,7 +198,7 @@ def markdown_table(report: dict) -> str:
                  f"{row['frozen_time_fraction']:.1%} | {row['fired_rate']:.1%} | "
                  f"{_fmt(row['delta_median'])} ({_fmt(row['delta_p10'])}) | {_fmt(row['frozen_delta_median'])} "
                  f"(n={row['frozen_replans']}) |")
-        lines.append(f"| {label} | {row['success_rate']:.2f} | {row['mean_episode_seconds']:.1f} |{stats}")
+        lines.append(f"| {label} | {success_cell(row)} | {row['mean_episode_seconds']:.1f} |{stats}")
     return "\n".join(lines) + "\n"
 
 

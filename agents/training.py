@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
+from agents.compute import autocast, resolve_precision, resolve_threads, use_channels_last
 from agents.checkpoint import (
     flatten_optimizer,
     load_policy,
@@ -35,6 +36,7 @@ from agents.checkpoint import (
 )
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
+from step_envs.seeds import TRAIN_EVAL_SEEDS, check_train_eval_seeds
 
 
 # ---------------------------------------------------------------- data
@@ -98,6 +100,7 @@ class Windows:
 
     def __init__(self, data: FrameData, n_obs_steps: int, horizon: int):
         self.data = data
+        self.n_obs_steps, self.horizon = n_obs_steps, horizon
         self.obs_offsets = torch.arange(1 - n_obs_steps, 1)
         self.act_offsets = torch.arange(1 - n_obs_steps, 1 - n_obs_steps + horizon)
 
@@ -106,18 +109,42 @@ class Windows:
         lo, hi = self.data.start[index][:, None], self.data.end[index][:, None]
         return raw.clamp(min=lo, max=hi), (raw < lo) | (raw > hi)
 
-    def obs(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def obs(self, index: torch.Tensor, images: bool = True) -> dict[str, torch.Tensor]:
         rows, _ = self._clamp(index, self.obs_offsets)
         out = {STATE_KEY: self.data.state[rows]}
         if self.data.env_state is not None:
             out[ENV_STATE_KEY] = self.data.env_state[rows]
-        for cam, img in self.data.images.items():
+        for cam, img in self.data.images.items() if images else ():
             out[IMAGE_PREFIX + cam] = img[rows]
         return out
 
     def action(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, pad = self._clamp(index, self.act_offsets)
         return self.data.action[rows], pad
+
+
+class WindowBank:
+    """Every training window gathered once into contiguous tensors, so a batch is one index per tensor.
+
+    Low-dimensional windows are stored whole ((N, To, S), (N, H, A), ...: a few MB even for Transport);
+    images stay uint8 frames and only their row numbers are stored, so memory grows with frames, not
+    with windows. This keeps the optimizer, not the data path, the bottleneck on two cores.
+    """
+
+    def __init__(self, windows: Windows, index: torch.Tensor):
+        self.low_dim = windows.obs(index, images=False)
+        self.image_rows, _ = windows._clamp(index, windows.obs_offsets)
+        self.images = {IMAGE_PREFIX + cam: img for cam, img in windows.data.images.items()}
+        self.action, self.action_is_pad = windows.action(index)
+
+    def __len__(self) -> int:
+        return len(self.action)
+
+    def batch(self, pick: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        obs = {k: v[pick] for k, v in self.low_dim.items()}
+        rows = self.image_rows[pick]
+        obs.update({k: img[rows] for k, img in self.images.items()})
+        return obs, self.action[pick], self.action_is_pad[pick]
 
 
 def sample_indices(data: FrameData, drop_last: int, episodes: set[int] | None = None) -> torch.Tensor:
@@ -146,8 +173,9 @@ class TrainPolicyConfig:
     preset: str = "pusht_state"
     obs_type: str = "state"  # "state": agent_pos + environment_state; "pixels": agent_pos + images
     steps: int = 20000
-    batch_size: int = 64
-    lr: float = 1e-4
+    stop_at: int | None = None  # end this invocation at this step (saved); a later run resumes towards `steps`
+    batch_size: int = 256  # fills both cores: ~2.5x the samples/s of batch 64 on one thread (step train-bench)
+    lr: float = 5e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
     warmup_steps: int = 500
@@ -158,10 +186,11 @@ class TrainPolicyConfig:
     eval_every: int = 5000  # 0 disables the periodic rollout score
     eval_episodes: int = 5
     eval_method: str = "ddim:8"
-    eval_seed_start: int = 100_000  # outside the usual collection seeds
+    eval_seed_start: int = TRAIN_EVAL_SEEDS.start  # a block step collect refuses (step_envs/seeds.py)
     eval_max_steps: int | None = None
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default. 1 avoids OpenMP stalls on a shared machine
+    threads: int = 0  # torch CPU threads; 0: every core (right when the run is alone on the machine)
+    precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 for image encoders where the CPU has it (agents/compute.py)
     progress: bool = True
 
 
@@ -197,16 +226,57 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_policy(cfg: TrainPolicyConfig) -> dict:
-    """Train (or resume) a Diffusion Policy backbone; returns a summary dict."""
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of steps after ``last_step`` (atomically: a kill here loses nothing)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def policy_step_loss(backbone: Backbone, obs: dict, action: torch.Tensor, pad: torch.Tensor, precision: str) -> torch.Tensor:
+    """The diffusion loss of one batch, its forward pass in ``precision`` (weights stay fp32)."""
+    with autocast(precision):
+        loss = backbone.loss(obs, action, pad)
+    return loss.float()
+
+
+def make_optimizer(backbone: Backbone, cfg: TrainPolicyConfig):
+    """AdamW + cosine schedule with warm-up + EMA, as Diffusion Policy trains."""
     from diffusers.optimization import get_scheduler
 
+    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    return optimizer, lr_schedule, _make_ema(backbone, cfg)
+
+
+def optimizer_step(backbone: Backbone, optimizer, lr_schedule, ema, obs: dict, action: torch.Tensor,
+                   pad: torch.Tensor, precision: str) -> float:
+    """One training step (the unit ``step train-bench`` times); returns the batch loss."""
+    loss = policy_step_loss(backbone, obs, action, pad, precision)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(backbone.model.parameters(), 10.0)
+    optimizer.step()
+    lr_schedule.step()
+    ema.step(backbone.parameters())
+    return float(loss.detach())
+
+
+def train_policy(cfg: TrainPolicyConfig) -> dict:
+    """Train (or resume) a Diffusion Policy backbone; returns a summary dict."""
     if cfg.preset not in PRESETS:
         raise ValueError(f"Unknown preset {cfg.preset!r}: {', '.join(PRESETS)}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.obs_type not in ("state", "pixels"):
         raise ValueError("obs_type must be 'state' or 'pixels'")
+    if cfg.eval_every:
+        check_train_eval_seeds(cfg.eval_seed_start, cfg.eval_episodes)
+    torch.set_num_threads(resolve_threads(cfg.threads))
+    precision = resolve_precision(cfg.precision, has_images=cfg.obs_type == "pixels")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state")
@@ -218,16 +288,17 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
     policy_cfg = PRESETS[cfg.preset]
     backbone = Backbone(policy_cfg, features)
     _fit_normalizer(backbone, data)
-    windows = Windows(data, policy_cfg.n_obs_steps, policy_cfg.horizon)
+    if data.images:
+        use_channels_last(backbone.model)
     drop = policy_cfg.horizon - policy_cfg.n_action_steps - policy_cfg.n_obs_steps + 1
     indices = sample_indices(data, drop)
     if len(indices) == 0:
         raise ValueError("Dataset too small: no training windows.")
+    bank = WindowBank(Windows(data, policy_cfg.n_obs_steps, policy_cfg.horizon), indices)
 
-    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    ema = _make_ema(backbone, cfg)
+    optimizer, lr_schedule, ema = make_optimizer(backbone, cfg)
     step = 0
+    elapsed_before = 0.0
     generator = torch.Generator().manual_seed(cfg.seed)
 
     resumed = load_training_state(out)
@@ -242,6 +313,12 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
         ema.optimization_step = meta["ema_step"]
         step = meta["step"]
         generator.set_state(tensors["rng"].to(torch.uint8))
+        if "torch_rng" in tensors:  # the loss draws its noise and timesteps from torch's global generator
+            torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
+        elapsed_before = meta.get("seconds", 0.0)
+        # Records past the saved step came from the part of the run that the kill threw away.
+        for log in ("loss.jsonl", "eval.jsonl"):
+            _truncate_jsonl(out / log, step)
         print(f"resuming from step {step} in {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -254,35 +331,32 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
         tensors.update(opt_tensors)
         tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
         tensors["rng"] = generator.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()
         meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
-                "ema_step": ema.optimization_step, "fingerprint": policy_fingerprint(backbone)}
+                "ema_step": ema.optimization_step, "fingerprint": policy_fingerprint(backbone),
+                "seconds": round(elapsed_before + time.time() - t0, 2), "precision": precision}
         save_training_state(out, tensors, meta)
 
     backbone.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-policy", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train-policy ({precision}, {torch.get_num_threads()} threads)",
+               unit="step", disable=not cfg.progress)
     losses: list[float] = []
     t0 = time.time()
     last_eval = None
-    while step < cfg.steps:
-        pick = indices[torch.randint(len(indices), (cfg.batch_size,), generator=generator)]
-        action, pad = windows.action(pick)
-        loss = backbone.loss(windows.obs(pick), action, pad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.model.parameters(), 10.0)
-        optimizer.step()
-        lr_schedule.step()
-        ema.step(backbone.parameters())
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    while step < end:
+        obs, action, pad = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=generator))
+        loss = optimizer_step(backbone, optimizer, lr_schedule, ema, obs, action, pad, precision)
         step += 1
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, "loss": float(np.mean(losses)), "lr": lr_schedule.get_last_lr()[0],
-                      "seconds": round(time.time() - t0, 2)}
+                      "seconds": round(elapsed_before + time.time() - t0, 2)}
             _append_jsonl(out / "loss.jsonl", record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             losses = []
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == end:
             save()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = {"step": step, **_rollout_score(_ema_backbone(backbone, ema), cfg)}
@@ -311,7 +385,8 @@ class TrainPredictorConfig:
     prev_policy_steps: int = 10  # DDIM steps for prev_source="policy"
     ablation: bool = True  # also train the spatial-only predictor and report it
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch CPU threads; 0: every core
+    precision: str = "auto"  # auto | bf16 | fp32 for the predictor's forward pass; auto: fp32 (a 0.4 M model gains nothing)
     progress: bool = True
 
 
@@ -364,6 +439,8 @@ def build_predictor_pairs(backbone: Backbone, data: FrameData, index: torch.Tens
 def _fit_predictor(model: Predictor, train: PredictorData, cfg: TrainPredictorConfig, desc: str) -> None:
     from diffusers.optimization import get_scheduler
 
+    precision = resolve_precision(cfg.precision, has_images=False)
+
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -372,8 +449,9 @@ def _fit_predictor(model: Predictor, train: PredictorData, cfg: TrainPredictorCo
     for _ in bar:
         pick = torch.randint(len(train.cond), (cfg.batch_size,), generator=generator)
         has_prev = train.has_prev[pick] & (torch.rand(len(pick), generator=generator) >= model.cfg.prev_dropout)
-        pred = model(train.cond[pick], train.prev[pick], has_prev)
-        loss = torch.nn.functional.mse_loss(pred, train.target[pick])
+        with autocast(precision):
+            pred = model(train.cond[pick], train.prev[pick], has_prev)
+        loss = torch.nn.functional.mse_loss(pred.float(), train.target[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -412,8 +490,7 @@ def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str
 def train_predictor(cfg: TrainPredictorConfig) -> dict:
     if cfg.prev_source not in ("dataset", "policy"):
         raise ValueError("prev_source must be 'dataset' or 'policy'")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     backbone, policy_config = load_policy(cfg.policy)
     out = Path(cfg.out) if cfg.out else Path(cfg.policy) / "predictor"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from step_envs.dataset import LEROBOT_SUBDIR, frame_from_obs, lerobot_features, write_dataset
 from step_envs.registry import get_task
+from step_envs.seeds import DEMO_SEEDS, check_demo_seeds
 
 
 @dataclass
@@ -32,7 +33,7 @@ class CollectConfig:
     out: str = "data/pusht"
     obs_type: str = "pixels_state"  # store state and images: one dataset serves both policies
     workers: int = 2
-    seed_start: int = 100_000  # demonstrations use seeds far from the evaluation seeds (0, 1, ...)
+    seed_start: int = DEMO_SEEDS.start  # never an evaluation seed: see step_envs/seeds.py
     max_seeds: int = 5_000  # give up after this many attempts
     min_max_reward: float = 0.9  # keep an episode whose best reward reaches this (Push-T: coverage/0.95)
 
@@ -117,6 +118,7 @@ def read_summaries(out: str | Path) -> dict[int, dict]:
 
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     get_task(cfg.task)  # fail fast on an unknown task
+    check_demo_seeds(cfg.seed_start, cfg.max_seeds)  # before anything is written
     raw = _raw_dir(cfg.out)
     raw.mkdir(parents=True, exist_ok=True)
     _remove_partial_writes(raw)  # of a killed run

@@ -42,14 +42,28 @@ def _report(task, rows):
 
 def test_table_puts_tasks_side_by_side(tmp_path, capsys):
     for task, rows in {"lift": [("ddpm", 100, 1.0, 700.0), ("step", 2, 0.9, 15.0)],
-                       "can": [("step", 2, 0.5, 16.0), ("ddim", 2, 0.25, 14.0)]}.items():
+                       "can": [("step", 2, 0.5, 16.0), ("ddim", 2, 0.2, 14.0)]}.items():
         (tmp_path / task).mkdir()
         (tmp_path / task / "results.json").write_text(json.dumps(_report(task, rows)))
     assert main(["table", str(tmp_path / "lift"), str(tmp_path / "can"), "--out", str(tmp_path / "t")]) == 0
     table = (tmp_path / "t" / "table.md").read_text()
     assert "| Method | Step | lift success | lift ms | can success | can ms |" in table
-    assert "| STEP | 2 | 0.90 | 15.0 | 0.50 | 16.0 |" in table
-    assert "| Vanilla (DDPM) | 100 | 1.00 | 700.0 | - | - |" in table  # a method one task lacks
-    assert "| DDIM | 2 | - | - | 0.25 | 14.0 |" in table
+    assert "| STEP | 2 | 0.90 [0.60, 0.98] | 15.0 | 0.50 [0.24, 0.76] | 16.0 |" in table
+    assert "| Vanilla (DDPM) | 100 | 1.00 [0.72, 1.00] | 700.0 | - | - |" in table  # a method one task lacks
+    assert "| DDIM | 2 | - | - | 0.20 [0.06, 0.51] | 14.0 |" in table
+    assert "lift 10 episodes on seeds 0-9" in table
     assert (tmp_path / "t" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["table", str(tmp_path / "missing")]) == 2
+
+
+def test_wilson_interval_known_values():
+    import pytest
+
+    from agents.bench import wilson_interval
+
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # textbook value
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and hi == pytest.approx(0.0714, abs=1e-4)  # never a zero-width interval at 0/n
+    assert wilson_interval(50, 50)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)

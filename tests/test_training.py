@@ -67,3 +67,130 @@ def test_export_halves_weights_and_keeps_the_predictor_link(tiny_checkpoint, tmp
     # A second export into the same folder is refused unless asked for.
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 2
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--overwrite"]) == 0
+
+
+# ------------------------------------------------------------------ fast path: precision, threads, exact resume
+def _tiny_backbone_and_batch(tiny_dataset, batch=32):
+    from agents.backbone import PRESETS, Backbone
+    from agents.training import WindowBank, Windows, load_frames, sample_indices
+
+    data = load_frames(tiny_dataset)
+    backbone = Backbone(PRESETS["tiny"], data.features())
+    backbone.normalizer.fit(data.state, data.action, data.env_state)
+    cfg = backbone.cfg
+    bank = WindowBank(Windows(data, cfg.n_obs_steps, cfg.horizon),
+                      sample_indices(data, cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1))
+    import torch
+
+    return backbone, bank.batch(torch.arange(batch) % len(bank))
+
+
+def test_bf16_loss_agrees_with_fp32_on_the_same_batch(tiny_dataset):
+    import torch
+
+    from agents.training import policy_step_loss
+
+    backbone, (obs, action, pad) = _tiny_backbone_and_batch(tiny_dataset)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(7)  # the same noise and timesteps for both
+        losses[precision] = policy_step_loss(backbone, obs, action, pad, precision)
+    assert losses["bf16"].dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa (~0.4 % per operation); the mean over the batch stays within 3 %.
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=0.03, atol=1e-3)
+    assert losses["bf16"].item() != losses["fp32"].item()  # it really ran in bf16
+
+
+def test_short_bf16_run_learns(tiny_dataset, tmp_path):
+    from agents.training import TrainPolicyConfig, train_policy
+
+    out = tmp_path / "bf16"
+    train_policy(TrainPolicyConfig(dataset=str(tiny_dataset), out=str(out), preset="tiny", steps=120, batch_size=32,
+                                   lr=3e-3, warmup_steps=5, log_every=10, save_every=120, eval_every=0, threads=1,
+                                   precision="bf16", progress=False))
+    losses = [r["loss"] for r in read_jsonl(out / "loss.jsonl")]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert json.loads((out / "training_state.json").read_text())["precision"] in ("bf16", "fp32")
+
+
+def test_bf16_resume_continues_the_same_run_exactly(tiny_dataset, tmp_path):
+    """A run stopped at step 4 and resumed to 8 equals the uninterrupted run: weights, EMA, lr, log."""
+    from safetensors.torch import load_file
+
+    from agents.training import TrainPolicyConfig, train_policy
+
+    def config(out, **kw):
+        return TrainPolicyConfig(dataset=str(tiny_dataset), out=str(out), preset="tiny", steps=8, batch_size=8,
+                                 warmup_steps=2, log_every=2, save_every=100, eval_every=0, threads=1,
+                                 precision="bf16", progress=False, **kw)
+
+    train_policy(config(tmp_path / "whole"))
+    train_policy(config(tmp_path / "split", stop_at=4))
+    state = json.loads((tmp_path / "split" / "training_state.json").read_text())
+    assert state["step"] == 4
+    train_policy(config(tmp_path / "split"))
+    whole = load_file(str(tmp_path / "whole" / "training_state.safetensors"))
+    split = load_file(str(tmp_path / "split" / "training_state.safetensors"))
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch_equal(whole[name], split[name]), name  # model, optimizer moments, EMA, both RNGs
+    meta = {k: json.loads((tmp_path / d / "training_state.json").read_text()) for k, d in (("w", "whole"), ("s", "split"))}
+    assert meta["w"]["lr_schedule"] == meta["s"]["lr_schedule"] and meta["w"]["ema_step"] == meta["s"]["ema_step"] == 8
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "split" / "loss.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "loss.jsonl"))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_resume_drops_log_records_of_lost_steps(tiny_dataset, tmp_path):
+    """A kill between saves leaves loss records past the saved step; the resumed run must not log them twice."""
+    from agents.training import TrainPolicyConfig, train_policy
+
+    out = tmp_path / "killed"
+    cfg = TrainPolicyConfig(dataset=str(tiny_dataset), out=str(out), preset="tiny", steps=8, batch_size=8,
+                            warmup_steps=2, log_every=2, save_every=100, eval_every=0, threads=1, progress=False)
+    cfg.stop_at = 4
+    train_policy(cfg)
+    with (out / "loss.jsonl").open("a") as f:  # what steps 5-6 of the killed run had written
+        f.write(json.dumps({"step": 6, "loss": 123.0, "lr": 0.0, "seconds": 1.0}) + "\n")
+    cfg.stop_at = None
+    train_policy(cfg)
+    rows = read_jsonl(out / "loss.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8] and 123.0 not in [r["loss"] for r in rows]
+    assert rows[-1]["seconds"] >= rows[1]["seconds"]  # the timer continues instead of restarting
+
+
+def test_train_bench_rows_and_outputs(tmp_path):
+    from agents.cli import main
+
+    out = tmp_path / "tb.json"
+    assert main(["train-bench", "--task", "pusht", "--preset", "tiny", "--precisions", "fp32,bf16", "--threads", "1",
+                 "--batch-sizes", "8", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"task", "obs_type", "preset", "rows"} <= set(result) and result["preset"] == "tiny"
+    settings = {(r["precision"], r["threads"], r["batch_size"]) for r in result["rows"]}
+    assert {("fp32", 1, 8), ("bf16", 1, 8), ("fp32", 1, 64)} <= settings  # the grid plus the baseline row
+    assert sum(r["baseline"] for r in result["rows"]) == 1
+    for r in result["rows"]:
+        assert r["samples_per_s"] > 0 and r["step_ms"] > 0
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+    assert main(["train-bench", "--task", "pusht", "--precisions", "fp16", "--steps", "1"]) == 2
+
+
+def test_precision_and_threads_are_checked():
+    import pytest
+
+    from agents.compute import resolve_precision, resolve_threads
+
+    assert resolve_precision("fp32", has_images=True) == "fp32"
+    assert resolve_precision("auto", has_images=False) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", has_images=False)
+    assert resolve_threads(0) >= 1 and resolve_threads(1) == 1
+    with pytest.raises(ValueError):
+        resolve_threads(-1)

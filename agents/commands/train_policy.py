@@ -9,9 +9,9 @@ from agents.training import TrainPolicyConfig, train_policy
 
 # option -> TrainPolicyConfig field; every option defaults to None so only given ones override the file
 OPTIONS = {
-    "task": str, "dataset": str, "out": str, "preset": str, "obs_type": str, "steps": int, "batch_size": int,
+    "task": str, "dataset": str, "out": str, "preset": str, "obs_type": str, "steps": int, "stop_at": int, "batch_size": int,
     "lr": float, "warmup_steps": int, "save_every": int, "eval_every": int, "eval_episodes": int,
-    "eval_method": str, "seed": int, "threads": int,
+    "eval_method": str, "seed": int, "threads": int, "precision": str,
 }
 
 
@@ -23,7 +23,9 @@ def add_arguments(parser) -> None:
         "out": "checkpoint folder (resumes if it holds a run)",
         "preset": "backbone size: state (= pusht_state), pusht_image, tiny",
         "eval_every": "0: no periodic rollouts",
-        "threads": "torch CPU threads (0: torch's default)",
+        "stop_at": "stop (and save) at this step; rerun to resume towards --steps",
+        "threads": "torch CPU threads (0: every core)",
+        "precision": "auto | bf16 | fp32 (auto: bf16 for image encoders on a CPU with native bf16)",
     }
     for name, kind in OPTIONS.items():
         default = getattr(d, name) if name not in ("dataset", "out") else "required"

@@ -9,7 +9,7 @@ from agents.training import TrainPredictorConfig, train_predictor
 
 OPTIONS = {
     "policy": str, "dataset": str, "out": str, "steps": int, "batch_size": int, "lr": float,
-    "val_fraction": float, "prev_source": str, "seed": int, "threads": int,
+    "val_fraction": float, "prev_source": str, "seed": int, "threads": int, "precision": str,
 }
 
 
@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
         "policy": "policy checkpoint (step train-policy --out)",
         "out": "predictor folder (default <policy>/predictor)",
         "prev_source": "previous chunk: 'dataset' (demo window Ta steps earlier) or 'policy' (backbone's own chunk there)",
-        "threads": "torch CPU threads (0: torch's default)",
+        "threads": "torch CPU threads (0: every core)",
+        "precision": "auto | bf16 | fp32 (auto: fp32, the predictor is small)",
     }
     for name, kind in OPTIONS.items():
         default = getattr(d, name) if name not in ("policy", "dataset") else "required"
