@@ -13,9 +13,11 @@ def test_collect_resume_and_round_trip(tmp_path):
     out = tmp_path / "demos"
     cfg = CollectConfig(task="pusht", agent="random", episodes=2, out=str(out), obs_type="state", workers=2,
                         seed_start=100_010, min_max_reward=0.0)
-    collect(cfg, progress=False)
+    report = collect(cfg, progress=False)
     first = read_summaries(out)
-    assert sorted(first) == [100_010, 100_011]
+    # Seeds that finish after the N-th good one stay in the raw cache for a later, larger run (how many
+    # do depends on worker timing); the dataset is always the first N in seed order.
+    assert sorted(first)[:2] == [100_010, 100_011] and report["episodes_in_dataset"] == 2
     # A killed worker leaves a temp file behind; the next run must clean it and only add new seeds.
     (out / "raw" / "seed_0100012.npz.tmp999").write_bytes(b"partial")
     cfg.episodes = 3
