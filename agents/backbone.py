@@ -81,6 +81,9 @@ PRESETS: dict[str, PolicyConfig] = {
     "state": PolicyConfig(down_dims=(64, 128, 256)),
     # Push-T image: ResNet-18 from scratch with GroupNorm, as Diffusion Policy does without pretraining.
     "pusht_image": PolicyConfig(down_dims=(128, 256, 512), diffusion_step_embed_dim=128),
+    # Any image task on the CPU: the same encoder with the state tasks' U-Net (a quarter of the U-Net's
+    # FLOPs); `step train-bench --obs-type pixels --preset image` against pusht_image.
+    "image": PolicyConfig(down_dims=(64, 128, 256)),
     # Tests only: the smallest network that still has every part.
     "tiny": PolicyConfig(down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4),
 }

@@ -7,6 +7,11 @@ Policy checkpoint (``step train-policy --out DIR``):
 Predictor checkpoint (``step train-predictor --out DIR``, default ``<policy>/predictor``):
   config.json        {"format": "step-predictor", predictor, policy_fingerprint, metrics, ...}
   predictor.safetensors
+
+Each save replaces its files as one set (``step_envs.safe_io.commit_files``): the weights, the config and the
+training state never come from two different saves, even when a kill lands in the middle of one. Readers
+complete a set that a kill left half-renamed before they read (``finish_commits``), so folders written before
+this existed load unchanged.
 """
 
 from __future__ import annotations
@@ -17,21 +22,47 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agents.backbone import Backbone, FeatureSpec, PolicyConfig
 from agents.predictor import Predictor, PredictorConfig
+from step_envs.safe_io import commit_files, discard_staged, finish_commits, folder_lock, replacing_folder
 
 POLICY_FORMAT = "step-policy"
 PREDICTOR_FORMAT = "step-predictor"
 FORMAT_VERSION = 1
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a clear ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore {what} or write it again.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; restore {what} or write it again.")
+    return data
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` with a one-line error naming a truncated or corrupt file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete (re-export or retrain it).")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt; "
+                         f"re-export or retrain it.") from None
+
+
 def _read_config(path: Path, expected: str) -> dict:
+    finish_commits(path)  # a save that a kill interrupted after its commit point
     config_path = path / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"No checkpoint at {path} (missing config.json).")
-    data = json.loads(config_path.read_text())
+    data = read_json(config_path, "the checkpoint")
     if data.get("format") != expected:
         raise ValueError(f"{path} is a {data.get('format')!r} checkpoint, expected {expected!r}.")
     if data.get("version", 0) > FORMAT_VERSION:
@@ -49,6 +80,16 @@ def _save_tensors(path: Path, tensors: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
+
+
+def _tensor_writer(tensors: dict):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return lambda path: save_file(tensors, str(path))
+
+
+def _json_writer(data: dict):
+    text = json.dumps(data, indent=2)
+    return lambda path: path.write_text(text)
 
 
 def features_from_spaces(obs_space, action_space) -> FeatureSpec:
@@ -76,10 +117,8 @@ def policy_fingerprint(backbone: Backbone) -> str:
     return h.hexdigest()[:16]
 
 
-def save_policy(path, backbone: Backbone, task: str, obs_type: str, extra: dict | None = None) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _save_tensors(path / "model.safetensors", backbone.state_dict())
+def policy_files(backbone: Backbone, task: str, obs_type: str, extra: dict | None = None) -> dict:
+    """The files of a policy checkpoint, as writers for ``commit_files``."""
     config = {
         "format": POLICY_FORMAT,
         "version": FORMAT_VERSION,
@@ -90,8 +129,12 @@ def save_policy(path, backbone: Backbone, task: str, obs_type: str, extra: dict 
         "fingerprint": policy_fingerprint(backbone),
     }
     config.update(extra or {})
-    _write_json(path / "config.json", config)
-    return path
+    return {"model.safetensors": _tensor_writer(backbone.state_dict()), "config.json": _json_writer(config)}
+
+
+def save_policy(path, backbone: Backbone, task: str, obs_type: str, extra: dict | None = None) -> Path:
+    commit_files(path, policy_files(backbone, task, obs_type, extra))
+    return Path(path)
 
 
 def read_policy_config(path) -> dict:
@@ -111,15 +154,12 @@ def load_policy(path, task: str | None = None, features: FeatureSpec | None = No
             f"but this env has {dataclasses.asdict(features)} (wrong obs_type or task?)."
         )
     backbone = Backbone(PolicyConfig.from_dict(config["policy"]), saved)
-    backbone.load_state_dict(load_file(str(path / "model.safetensors")))
+    backbone.load_state_dict(load_tensors(path / "model.safetensors"))
     backbone.eval()
     return backbone, config
 
 
 def save_predictor(path, predictor: Predictor, backbone: Backbone, extra: dict | None = None) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _save_tensors(path / "predictor.safetensors", predictor.state_dict())
     config = {
         "format": PREDICTOR_FORMAT,
         "version": FORMAT_VERSION,
@@ -127,8 +167,9 @@ def save_predictor(path, predictor: Predictor, backbone: Backbone, extra: dict |
         "policy_fingerprint": policy_fingerprint(backbone),
     }
     config.update(extra or {})
-    _write_json(path / "config.json", config)
-    return path
+    commit_files(path, {"predictor.safetensors": _tensor_writer(predictor.state_dict()),
+                        "config.json": _json_writer(config)})
+    return Path(path)
 
 
 def load_predictor(path, backbone: Backbone | None = None) -> tuple[Predictor, dict]:
@@ -141,7 +182,7 @@ def load_predictor(path, backbone: Backbone | None = None) -> tuple[Predictor, d
             f"this policy {policy_fingerprint(backbone)}); retrain it with `step train-predictor`."
         )
     predictor = Predictor(PredictorConfig.from_dict(config["predictor"]))
-    predictor.load_state_dict(load_file(str(path / "predictor.safetensors")))
+    predictor.load_state_dict(load_tensors(path / "predictor.safetensors"))
     predictor.eval()
     return predictor, config
 
@@ -149,23 +190,32 @@ def load_predictor(path, backbone: Backbone | None = None) -> tuple[Predictor, d
 def find_predictor(checkpoint) -> Path | None:
     """The conventional place of a policy's predictor: ``<policy>/predictor``."""
     candidate = Path(checkpoint) / "predictor"
+    finish_commits(candidate)
     return candidate if (candidate / "config.json").exists() else None
 
 
 # ----- resumable training state (tensors in safetensors, the rest in json) -----
 
+def training_state_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The resume files (raw weights, optimiser, EMA, RNGs + step, schedule), as writers for ``commit_files``."""
+    return {"training_state.safetensors": _tensor_writer(tensors), "training_state.json": _json_writer(meta)}
+
+
 def save_training_state(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _save_tensors(path / "training_state.safetensors", tensors)
-    _write_json(path / "training_state.json", meta)
+    commit_files(path, training_state_files(tensors, meta))
 
 
 def load_training_state(path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The last committed training state of a run folder, or None; completes or discards a killed save first.
+
+    Only the folder's writer (holding its lock) may call this: it deletes the litter of an uncommitted save.
+    """
     path = Path(path)
+    finish_commits(path)
+    discard_staged(path)
     if not (path / "training_state.json").exists() or not (path / "training_state.safetensors").exists():
         return None
-    return load_file(str(path / "training_state.safetensors")), json.loads((path / "training_state.json").read_text())
+    return load_tensors(path / "training_state.safetensors"), read_json(path / "training_state.json", "the run folder")
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -214,28 +264,32 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
     """
     src, dst = Path(src), Path(dst)
     config = read_policy_config(src)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
-    dst.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(src / "model.safetensors"))
-    _save_tensors(dst / "model.safetensors", _half_weights(weights, "normalizer.") if half else weights)
-    config["weights_dtype"] = "float16" if half else "float32"
-    _write_json(dst / "config.json", config)
-    for name in RELEASE_LOGS:
-        if (src / name).exists():
-            (dst / name).write_bytes((src / name).read_bytes())
-    predictor_src = find_predictor(src)
-    if predictor_src is not None:
-        predictor_dst = dst / "predictor"
-        predictor_dst.mkdir(exist_ok=True)
-        weights = load_file(str(predictor_src / "predictor.safetensors"))
-        _save_tensors(predictor_dst / "predictor.safetensors", _half_weights(weights, None) if half else weights)
-        for name in ("config.json",) + PREDICTOR_LOGS:
-            if (predictor_src / name).exists():
-                (predictor_dst / name).write_bytes((predictor_src / name).read_bytes())
-    # Load what was written, so a broken export fails here and not in someone's benchmark.
-    backbone, _ = load_policy(dst, task=config["task"])
-    if predictor_src is not None:
-        load_predictor(dst / "predictor", backbone)
+    with folder_lock(dst, "export"):
+        if dst.exists() and any(dst.iterdir()) and not overwrite:
+            raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
+        predictor_src = find_predictor(src)
+        # Built beside dst and swapped in only once it loads: a failure leaves the old release as it was.
+        with replacing_folder(dst) as new:
+            new.mkdir()
+            weights = load_tensors(src / "model.safetensors")
+            _save_tensors(new / "model.safetensors", _half_weights(weights, "normalizer.") if half else weights)
+            config["weights_dtype"] = "float16" if half else "float32"
+            _write_json(new / "config.json", config)
+            for name in RELEASE_LOGS:
+                if (src / name).exists():
+                    (new / name).write_bytes((src / name).read_bytes())
+            if predictor_src is not None:
+                _read_config(predictor_src, PREDICTOR_FORMAT)  # valid, and any interrupted save completed
+                (new / "predictor").mkdir()
+                weights = load_tensors(predictor_src / "predictor.safetensors")
+                _save_tensors(new / "predictor" / "predictor.safetensors",
+                              _half_weights(weights, None) if half else weights)
+                for name in ("config.json",) + PREDICTOR_LOGS:
+                    if (predictor_src / name).exists():
+                        (new / "predictor" / name).write_bytes((predictor_src / name).read_bytes())
+            # Load what was written, so a broken export fails here and not in someone's benchmark.
+            backbone, _ = load_policy(new, task=config["task"])
+            if predictor_src is not None:
+                load_predictor(new / "predictor", backbone)
     return {"task": config["task"], "out": str(dst), "predictor": predictor_src is not None,
             "bytes": sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())}

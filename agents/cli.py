@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("agents.commands.table", "several tasks' bench results side by side (Table 2/3) + Pareto panels"),
     "stall-sweep": ("agents.commands.stall_sweep", "STEP with and without the stall perturbation, over sigma"),
     "latency": ("agents.commands.latency", "batch-1 chunk latency per method beside the one-NFE time"),
+    "analyze": ("agents.commands.analyze", "the paper's Appendix E: Lipschitz bounds, contraction, K' selection, MARE"),
 }
 
 

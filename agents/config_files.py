@@ -18,7 +18,10 @@ def build_config(cls, path: str | Path | None = None, **overrides):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Config file {path} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"Config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"Config file {path} must hold a mapping of field: value.")
         values.update(loaded)
@@ -36,3 +39,11 @@ def build_config(cls, path: str | Path | None = None, **overrides):
     if missing:
         raise ValueError(f"{cls.__name__} needs {missing} (on the command line or in the config file).")
     return cls(**values)
+
+
+def check_minimums(cfg, **minimums) -> None:
+    """Refuse (ValueError naming the option) a numeric field below its minimum, before any work starts."""
+    for name, minimum in minimums.items():
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")

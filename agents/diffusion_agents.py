@@ -17,6 +17,10 @@ episode (no previous chunk), ``first_call="predictor"`` (default): the predictor
 "no history" mode (spatial-only guess from the observation) and the same k-step warm start follows,
 so every STEP call costs the same k NFE + one predictor pass. ``first_call="noise"``: plain DDIM-k from
 noise for that one chunk.
+
+``step:0`` (steps = 0) is the predictor alone: its chunk is executed as it is, with no denoising and no
+stall perturbation (the "predictor only" row of ``step analyze predictor-only``). Its first call uses
+the predictor's "no history" mode.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class DiffusionAgent:
             raise ValueError("STEP needs a trained predictor (`step train-predictor`).")
         if cfg.first_call not in FIRST_CALL_MODES:
             raise ValueError(f"first_call must be one of {FIRST_CALL_MODES}, got {cfg.first_call!r}")
+        if cfg.steps < 0 or (cfg.steps == 0 and not (cfg.method == "step" and cfg.warm_source == "predictor")):
+            raise ValueError(f"{cfg.method}:{cfg.steps}: steps must be positive (0 only for step:0, the predictor alone).")
+        if cfg.steps == 0 and cfg.first_call == "noise":
+            raise ValueError("step:0 runs no denoising, so its first call cannot start from noise (first_call='noise').")
         self.backbone = backbone.eval()
         self.cfg = cfg
         self.batch_size = batch_size
@@ -81,15 +89,16 @@ class DiffusionAgent:
         pc = backbone.cfg
         if pc.n_action_steps > pc.horizon - pc.n_obs_steps + 1:
             raise ValueError("n_action_steps must be <= horizon - n_obs_steps + 1")
-        self.sampler: Sampler = make_sampler(cfg.method, cfg.steps, ScheduleConfig.from_policy(pc))
+        # step:0 has no sampler: the predictor's chunk is the plan
+        self.sampler: Sampler | None = make_sampler(cfg.method, cfg.steps, ScheduleConfig.from_policy(pc)) if cfg.steps else None
         self.predictor = predictor.eval() if predictor is not None else None
         self._traced_predictor = None
         if cfg.method == "step" and predictor is not None:
             if predictor.cfg.shift != pc.n_action_steps or predictor.cfg.horizon != pc.horizon:
                 raise ValueError("Predictor horizon/shift do not match the policy's horizon/n_action_steps.")
         if cfg.method == "step":
-            assert isinstance(self.sampler, DDIMSampler)
-            self.warm = WarmStart(self.sampler)
+            assert self.sampler is None or isinstance(self.sampler, DDIMSampler)
+            self.warm = WarmStart(self.sampler) if self.sampler is not None else None
             self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)
             # Draw xi at every warm start, whatever the stall settings, so that (a) each row's random stream
             # does not depend on the other rows of the batch and (b) the denoising noise is the same
@@ -157,7 +166,9 @@ class DiffusionAgent:
             return self.sampler.sample(denoise, cond, shape, self.generators)
         prev = self.prev_chunk
         source = self.cfg.warm_source
-        if prev is None and (self.cfg.first_call == "noise" or source == "temporal"):
+        if self.warm is None:  # step:0, the predictor alone
+            chunk = self._predict(cond, prev)
+        elif prev is None and (self.cfg.first_call == "noise" or source == "temporal"):
             chunk = self.sampler.sample(denoise, cond, shape, self.generators)
         else:
             if source == "temporal":

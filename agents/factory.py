@@ -14,8 +14,11 @@ def parse_method(spec: str) -> tuple[str, int | None]:
     if not name:
         raise ValueError(f"Empty method spec {spec!r}")
     if steps:
-        if not steps.isdigit() or int(steps) < 1:
+        if not steps.isdigit():
             raise ValueError(f"Method spec {spec!r}: steps must be a positive integer, e.g. 'ddim:4'.")
+        if int(steps) == 0 and name.lower() != "step":
+            raise ValueError(f"Method spec {spec!r}: only 'step:0' (the predictor's chunk, no denoising) may have "
+                             "0 steps; others need a positive integer, e.g. 'ddim:4'.")
         return name.lower(), int(steps)
     return name.lower(), None
 
@@ -74,7 +77,7 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
     obs_space, action_space, batch = _single_spaces(env)
     # "step-spatial" / "step-temporal": STEP with the warm start of the consistency ablation (Table 16).
     name, warm_source = split_method(name)
-    steps = steps or DEFAULT_STEPS[name]
+    steps = DEFAULT_STEPS[name] if steps is None else steps  # 0 is meaningful: step:0, the predictor alone
     if name == "ddpm" and steps != 100:
         raise ValueError("DDPM runs every training timestep: use 'ddpm' or 'ddpm:100'.")
     if backbone is None:

@@ -77,7 +77,7 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
     for spec in cfg.methods:
         name, steps = parse_method(spec)
         method, warm_source = split_method(name)
-        steps = steps or DEFAULT_STEPS[method]
+        steps = DEFAULT_STEPS[method] if steps is None else steps  # step:0 runs no NFE
         agent = DiffusionAgent(backbone, AgentConfig(method=method, steps=steps, seed=cfg.seed, warm_source=warm_source),
                                action_space, predictor=predictor if method == "step" else None)
         nfe = time_nfe(backbone, history, cfg.nfe_calls)
@@ -95,7 +95,8 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
             "steps": steps,
             "latency_ms": latency,
             "nfe_ms_median": nfe * 1e3,
-            "ratio": latency["median"] / (steps * nfe * 1e3),
+            # step:0 (predictor only, no NFE): its time in units of one NFE
+            "ratio": latency["median"] / (max(steps, 1) * nfe * 1e3),
         })
     return rows
 

@@ -41,6 +41,7 @@ class TrainBenchConfig:
     warmup: int = 2  # untimed steps first (oneDNN picks its kernels on the first calls)
     dataset: str | None = None  # real windows from a LeRobotDataset instead of synthetic batches
     config: str | None = None  # the training config whose setting is marked (default configs/<task>_<obs>_policy.yaml)
+    channels_last: bool = False  # NHWC image encoder (see agents/compute.py)
     seed: int = 0
     progress: bool = True
 
@@ -111,7 +112,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         features = _task_features(cfg.task, cfg.obs_type)
     policy_cfg = PRESETS[preset]
     backbone = Backbone(policy_cfg, features)
-    if features.cameras:
+    if features.cameras and cfg.channels_last:
         use_channels_last(backbone.model)
     bank = None
     if cfg.dataset:
@@ -149,6 +150,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     return {"task": cfg.task, "obs_type": cfg.obs_type, "preset": preset,
             "parameters": sum(p.numel() for p in backbone.model.parameters()),
             "batches": "dataset " + cfg.dataset if cfg.dataset else "synthetic", "timed_steps": cfg.steps,
+            "channels_last": cfg.channels_last,
             "cores": available_cores(), "cpu_bf16": cpu_has_bf16(),
             "config": configured, "rows": rows, "bench_config": dataclasses.asdict(cfg)}
 

@@ -28,14 +28,16 @@ from agents.checkpoint import (
     flatten_optimizer,
     load_policy,
     load_training_state,
+    policy_files,
     policy_fingerprint,
-    save_policy,
     save_predictor,
-    save_training_state,
+    training_state_files,
     unflatten_optimizer,
 )
+from agents.config_files import check_minimums
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
+from step_envs.safe_io import commit_files, fault_point, folder_lock
 from step_envs.seeds import TRAIN_EVAL_SEEDS, check_train_eval_seeds
 
 
@@ -191,6 +193,7 @@ class TrainPolicyConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0: every core (right when the run is alone on the machine)
     precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 for image encoders where the CPU has it (agents/compute.py)
+    channels_last: bool = False  # NHWC image encoder; measured slower here (agents/compute.py)
     progress: bool = True
 
 
@@ -267,8 +270,31 @@ def optimizer_step(backbone: Backbone, optimizer, lr_schedule, ema, obs: dict, a
     return float(loss.detach())
 
 
+def _numpy_rng_state() -> tuple[torch.Tensor, list]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return torch.from_numpy(keys.astype(np.int64)), [kind, int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_rng_state(keys: torch.Tensor, rest: list) -> None:
+    kind, pos, has_gauss, cached = rest
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 def train_policy(cfg: TrainPolicyConfig) -> dict:
-    """Train (or resume) a Diffusion Policy backbone; returns a summary dict."""
+    """Train (or resume) a Diffusion Policy backbone; returns a summary dict.
+
+    Resuming is an exact continuation: each save commits the EMA weights, config.json and the training state
+    (raw weights, optimiser, EMA, LR schedule, step, the data generator's, torch's and NumPy's RNG states) as one
+    set (``step_envs.safe_io.commit_files``); a resumed run drops the log records past the saved step and keeps
+    counting wall time. One process at a time per ``--out`` (``folder_lock``).
+    """
+    check_minimums(cfg, steps=1, batch_size=1, warmup_steps=0, log_every=1, save_every=1, eval_every=0,
+                   eval_episodes=1, stop_at=1, threads=0)
+    with folder_lock(cfg.out, "train-policy"):
+        return _train_policy(cfg)
+
+
+def _train_policy(cfg: TrainPolicyConfig) -> dict:
     if cfg.preset not in PRESETS:
         raise ValueError(f"Unknown preset {cfg.preset!r}: {', '.join(PRESETS)}")
     if cfg.obs_type not in ("state", "pixels"):
@@ -279,6 +305,7 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
     precision = resolve_precision(cfg.precision, has_images=cfg.obs_type == "pixels")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)  # every global RNG starts from the seed and is saved with the weights (exact resume)
     data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state")
     if cfg.obs_type == "pixels" and not data.images:
         raise ValueError(f"Dataset {cfg.dataset} has no images; use --obs-type state.")
@@ -288,7 +315,7 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
     policy_cfg = PRESETS[cfg.preset]
     backbone = Backbone(policy_cfg, features)
     _fit_normalizer(backbone, data)
-    if data.images:
+    if data.images and cfg.channels_last:
         use_channels_last(backbone.model)
     drop = policy_cfg.horizon - policy_cfg.n_action_steps - policy_cfg.n_obs_steps + 1
     indices = sample_indices(data, drop)
@@ -299,6 +326,7 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
     optimizer, lr_schedule, ema = make_optimizer(backbone, cfg)
     step = 0
     elapsed_before = 0.0
+    losses: list[float] = []  # of the log record in progress
     generator = torch.Generator().manual_seed(cfg.seed)
 
     resumed = load_training_state(out)
@@ -315,7 +343,10 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
         generator.set_state(tensors["rng"].to(torch.uint8))
         if "torch_rng" in tensors:  # the loss draws its noise and timesteps from torch's global generator
             torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
+        if "numpy_rng" in tensors:
+            _set_numpy_rng_state(tensors["numpy_rng"], meta["numpy_rng"])
         elapsed_before = meta.get("seconds", 0.0)
+        losses = list(meta.get("log_window", []))  # a record straddling the save averages the same losses
         # Records past the saved step came from the part of the run that the kill threw away.
         for log in ("loss.jsonl", "eval.jsonl"):
             _truncate_jsonl(out / log, step)
@@ -325,22 +356,24 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
 
     def save() -> None:
         averaged = _ema_backbone(backbone, ema)
-        save_policy(out, averaged, cfg.task, cfg.obs_type, extra={"train_step": step, "preset": cfg.preset})
+        files = policy_files(averaged, cfg.task, cfg.obs_type, extra={"train_step": step, "preset": cfg.preset})
         tensors = {f"model.{k}": v for k, v in backbone.state_dict().items()}
         opt_tensors, opt_meta = flatten_optimizer(optimizer)
         tensors.update(opt_tensors)
         tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
         tensors["rng"] = generator.get_state()
         tensors["torch_rng"] = torch.get_rng_state()
+        tensors["numpy_rng"], numpy_rng = _numpy_rng_state()
         meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
                 "ema_step": ema.optimization_step, "fingerprint": policy_fingerprint(backbone),
-                "seconds": round(elapsed_before + time.time() - t0, 2), "precision": precision}
-        save_training_state(out, tensors, meta)
+                "seconds": round(elapsed_before + time.time() - t0, 2), "precision": precision,
+                "numpy_rng": numpy_rng, "log_window": losses}
+        files.update(training_state_files(tensors, meta))
+        commit_files(out, files)  # weights, config and state as one set: a kill mid-save never mixes two saves
 
     backbone.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train-policy ({precision}, {torch.get_num_threads()} threads)",
                unit="step", disable=not cfg.progress)
-    losses: list[float] = []
     t0 = time.time()
     last_eval = None
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -359,9 +392,11 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
         if step % cfg.save_every == 0 or step == end:
             save()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = {"step": step, **_rollout_score(_ema_backbone(backbone, ema), cfg)}
+            with torch.random.fork_rng():  # the rollout must not move the training's RNG (exact resume)
+                last_eval = {"step": step, **_rollout_score(_ema_backbone(backbone, ema), cfg)}
             _append_jsonl(out / "eval.jsonl", last_eval)
             bar.write(f"step {step}: rollout {last_eval}")
+        fault_point("train-step")  # tests: STEP_FAULT=train-step:<n> kills the run here, after step n
     bar.close()
     if resumed is not None and step == resumed[1]["step"]:
         save()  # nothing left to train: still make sure model.safetensors matches the state
@@ -490,6 +525,14 @@ def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str
 def train_predictor(cfg: TrainPredictorConfig) -> dict:
     if cfg.prev_source not in ("dataset", "policy"):
         raise ValueError("prev_source must be 'dataset' or 'policy'")
+    check_minimums(cfg, steps=1, batch_size=1, warmup_steps=0, prev_policy_steps=1, threads=0)
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}.")
+    with folder_lock(cfg.out or Path(cfg.policy) / "predictor", "train-predictor"):
+        return _train_predictor(cfg)
+
+
+def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     torch.set_num_threads(resolve_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     backbone, policy_config = load_policy(cfg.policy)

@@ -53,8 +53,16 @@ def build_observation_space(
 
 
 def validate_action(action, space: spaces.Box, tolerance: float = 1e-3) -> np.ndarray:
-    """Return the action as float32 or raise a clear ValueError (wrong shape, NaN/inf, out of range)."""
-    arr = np.asarray(action, dtype=np.float64)
+    """Return the action as float32 or raise a clear ValueError (not numbers, wrong shape, NaN/inf, out of range).
+
+    Only integer and real float arrays are actions: strings, bools, complex numbers and objects are refused
+    rather than converted (``np.asarray(["100", "200"], float)`` would silently succeed).
+    """
+    raw = np.asarray(action)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"Action has dtype {raw.dtype} ({raw.tolist()!r}); this env expects real numbers "
+                         f"(int or float) of shape {space.shape}.")
+    arr = raw.astype(np.float64)
     if arr.shape != space.shape:
         raise ValueError(f"Action has shape {arr.shape}; this env expects {space.shape}.")
     if not np.all(np.isfinite(arr)):

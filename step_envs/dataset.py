@@ -7,6 +7,7 @@ Env observation keys map to LeRobot's names, so LeRobot's policies read our data
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,14 +55,38 @@ def frame_from_obs(obs: dict, action: np.ndarray) -> dict:
     return frame
 
 
+REBUILD_HINT = ("rebuild it with the command that wrote it (step collect, step import-robomimic --overwrite, "
+                "step record)")
+
+
 def resolve_root(path: str | Path) -> Path:
     """Accept a LeRobot root or a `step collect` output folder (which holds one under `lerobot/`)."""
+    from step_envs.safe_io import interrupted_swap
+
     path = Path(path)
     if (path / "meta" / "info.json").exists():
         return path
     if (path / LEROBOT_SUBDIR / "meta" / "info.json").exists():
         return path / LEROBOT_SUBDIR
+    old = interrupted_swap(path / LEROBOT_SUBDIR)
+    if old is not None:
+        raise FileNotFoundError(f"No LeRobotDataset at {path}: a replacement of {path / LEROBOT_SUBDIR} was killed "
+                                f"half-way; the previous dataset is in {old}. Rerun the command that wrote it to "
+                                f"restore or finish it.")
     raise FileNotFoundError(f"No LeRobotDataset at {path} (expected meta/info.json or {LEROBOT_SUBDIR}/meta/info.json).")
+
+
+def check_complete(root: Path) -> None:
+    """Refuse (ValueError) a LeRobotDataset folder whose writer stopped before finalising it."""
+    info = root / "meta" / "info.json"
+    try:
+        json.loads(info.read_text())
+    except ValueError as err:
+        raise ValueError(f"{info} is not valid JSON ({err}): {root} is damaged; {REBUILD_HINT}.") from None
+    for part in ("meta/episodes", "data"):
+        if not any((root / part).rglob("*.parquet")):
+            raise ValueError(f"{root} is a half-written LeRobotDataset (no {part}/*.parquet: its writer was stopped "
+                             f"before it finished); {REBUILD_HINT}.")
 
 
 def load_dataset(path: str | Path, **kwargs):
@@ -69,6 +94,7 @@ def load_dataset(path: str | Path, **kwargs):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = resolve_root(path)
+    check_complete(root)  # LeRobot would otherwise look for the missing parts on the hub (offline: a puzzling error)
     # pyav decodes LeRobot's AV1 videos everywhere; torchcodec needs system FFmpeg libraries.
     kwargs.setdefault("video_backend", "pyav")
     return LeRobotDataset(repo_id=f"local/{root.parent.name}", root=root, **kwargs)
@@ -93,6 +119,8 @@ def write_dataset(
     dataset = LeRobotDataset.create(
         repo_id=f"local/{root.parent.name}", fps=fps, features=features, root=root, robot_type=robot_type,
         use_videos=any(f["dtype"] == "video" for f in features.values()),
+        # Named, so LeRobot does not probe torchcodec (which prints a page of FFmpeg loading tracebacks here).
+        video_backend="pyav",
     )
     try:
         for episode in tqdm(episodes, desc="writing dataset", unit="ep", disable=not progress):
@@ -105,3 +133,25 @@ def write_dataset(
     finally:
         dataset.finalize()
     return dataset
+
+
+def replace_dataset(root: str | Path, fps: int, features: dict, episodes, task_text: str,
+                    robot_type: str | None = None, progress: bool = True, expected_episodes: int | None = None) -> dict:
+    """``write_dataset`` into a hidden sibling of ``root``, check that it loads whole, then swap it in.
+
+    A failure anywhere (a bad episode, a kill, a check) leaves ``root`` as it was: the old dataset, or none.
+    Returns the new dataset's ``{"episodes", "frames"}``. The caller holds the output folder's lock.
+    """
+    from step_envs.safe_io import replacing_folder
+
+    root = Path(root)
+    with replacing_folder(root) as new:
+        written = write_dataset(new, fps, features, episodes, task_text, robot_type=robot_type, progress=progress)
+        check = load_dataset(new)
+        counts = {"episodes": check.num_episodes, "frames": check.num_frames}
+        if counts != {"episodes": written.meta.total_episodes, "frames": written.meta.total_frames} or (
+                expected_episodes is not None and counts["episodes"] != expected_episodes):
+            raise RuntimeError(f"The dataset written for {root} reads back as {counts}, not the "
+                               f"{expected_episodes or written.meta.total_episodes} episodes written; "
+                               f"{root} was left unchanged.")
+    return counts

@@ -131,9 +131,30 @@ def task_for_env_id(env_id: str) -> TaskSpec:
     raise ValueError(f"Unknown env id {env_id!r}. Registered: {', '.join(s.env_id for s in TASKS.values())}")
 
 
+GYM_MAKE_KWARGS = ("max_episode_steps", "disable_env_checker")  # taken by gym.make itself, not by the env
+
+
+def check_env_kwargs(spec: TaskSpec, kwargs: dict) -> None:
+    """Refuse (ValueError) keyword arguments the task's env does not take, naming those it does."""
+    import inspect
+
+    from gymnasium.envs.registration import load_env_creator
+
+    params = inspect.signature(load_env_creator(spec.entry_point)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    unknown = sorted(set(kwargs) - accepted - set(GYM_MAKE_KWARGS))
+    if unknown:
+        known = sorted(accepted - set(spec.kwargs))
+        raise ValueError(f"Unknown env keyword argument(s) {', '.join(unknown)} for task {spec.name!r} "
+                         f"(--env-kwargs); it accepts: {', '.join(known)}.")
+
+
 def make_env(task: str, obs_type: str = "state", num_envs: int | None = None, **kwargs):
     """Make one env, or a synchronous VectorEnv of ``num_envs`` copies, for a task name."""
     spec = get_task(task)
+    check_env_kwargs(spec, {"obs_type": obs_type, **kwargs})
     kwargs.setdefault("render_mode", "rgb_array")
     if num_envs is None:
         return gym.make(spec.env_id, obs_type=obs_type, **kwargs)

@@ -15,7 +15,8 @@ Keys map onto the RoboMimicEnv observation contract, so a policy trained on an i
 from __future__ import annotations
 
 import json
-import shutil
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import numpy as np
 from gymnasium import spaces
 
 from step_envs.contract import build_observation_space, check_obs_type, wants_pixels, wants_state
-from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, LEROBOT_SUBDIR, STATE_KEY, lerobot_features, write_dataset
+from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, LEROBOT_SUBDIR, STATE_KEY, lerobot_features, replace_dataset
 from step_envs.registry import get_task
+from step_envs.safe_io import folder_lock
 from step_envs.robomimic import ARM_ACTION_DIM, PROPRIO_KEYS, ROBOMIMIC_TASKS, TASK_BY_ROBOSUITE_ENV
 
 
@@ -79,7 +81,26 @@ def demo_names(f, filter_key: str | None = None) -> list[str]:
     return sorted(names, key=_demo_index)
 
 
+@contextmanager
+def _reading(path: Path):
+    """Errors while reading the input as one line naming the file (h5py's OSError: not HDF5, truncated)."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read as HDF5 ({err}): it is not a RoboMimic hdf5 file, or it is "
+                         f"truncated or damaged; download or copy it again.") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _check_demo(demo) -> None:
+    for part in ("actions", "obs"):
+        if part not in demo:
+            raise ValueError(f"{demo.name} has no '{part}'; this is not a complete RoboMimic demo.")
+
+
 def _episode(demo, num_robots: int, obs_type: str, cameras: tuple[str, ...]) -> dict:
+    _check_demo(demo)
     obs = demo["obs"]
     actions = np.asarray(demo["actions"], dtype=np.float32)
     if actions.ndim != 2 or actions.shape[1] != ARM_ACTION_DIM * num_robots:
@@ -121,63 +142,78 @@ def _task_key(task: str) -> str:
 
 
 def import_robomimic(cfg: RoboMimicImportConfig, progress: bool = True) -> dict:
-    """Write the demos of a RoboMimic hdf5 as a LeRobotDataset in ``cfg.out/lerobot``; return a report."""
+    """Write the demos of a RoboMimic hdf5 as a LeRobotDataset in ``cfg.out/lerobot``; return a report.
+
+    The dataset is written beside ``OUT/lerobot`` and swapped in only when every demo was read and the result
+    reads back whole: a bad input (wrong path, not HDF5, a broken demo) leaves an existing import untouched,
+    even with ``overwrite``, and never leaves a partial dataset where a reader would load it.
+    """
     import h5py
 
     check_obs_type(cfg.obs_type)
     if cfg.max_episodes is not None and cfg.max_episodes < 1:
-        raise ValueError(f"max_episodes must be at least 1, got {cfg.max_episodes}")
+        raise ValueError(f"--max-episodes must be at least 1, got {cfg.max_episodes}")
     path = Path(cfg.hdf5)
     if not path.is_file():
         raise FileNotFoundError(f"No RoboMimic dataset at {path}")
     root = Path(cfg.out) / LEROBOT_SUBDIR
-    if root.exists():
-        if not cfg.overwrite:
+    with folder_lock(cfg.out, "import-robomimic"):
+        if root.exists() and not cfg.overwrite:
             raise FileExistsError(f"{root} already exists; remove it or pass overwrite.")
-        shutil.rmtree(root)
-    with h5py.File(path, "r") as f:
-        env_args = read_env_args(f)
-        task = task_of(env_args)
-        num_robots = ROBOMIMIC_TASKS[_task_key(task)].num_robots
-        names = demo_names(f, cfg.filter_key)[: cfg.max_episodes]
-        if not names:
-            raise ValueError(f"{path} has no demos to import.")
-        cameras = _cameras(f["data"][names[0]]["obs"], task, cfg.obs_type)
-        first = _episode(f["data"][names[0]], num_robots, cfg.obs_type, cameras)
-        # The feature spec from the data's own shapes, in the env's layout (no simulator needed to import).
-        obs_space = build_observation_space(
-            cfg.obs_type,
-            agent_pos=spaces.Box(-np.inf, np.inf, shape=first[STATE_KEY].shape[1:], dtype=np.float32),
-            environment_state=(
-                spaces.Box(-np.inf, np.inf, shape=first[ENV_STATE_KEY].shape[1:], dtype=np.float32)
-                if ENV_STATE_KEY in first else None
-            ),
-            cameras={cam: first[IMAGE_PREFIX + cam].shape[1:3] for cam in cameras},
-        )
-        action_space = spaces.Box(-1.0, 1.0, shape=first[ACTION_KEY].shape[1:], dtype=np.float32)
-        features = lerobot_features(obs_space, action_space, use_videos=cfg.use_videos)
-        frames = 0
+        with _reading(path):
+            f = h5py.File(path, "r")
+        try:
+            with _reading(path):
+                env_args = read_env_args(f)
+                task = task_of(env_args)
+                num_robots = ROBOMIMIC_TASKS[_task_key(task)].num_robots
+                names = demo_names(f, cfg.filter_key)[: cfg.max_episodes]
+                if not names:
+                    raise ValueError("no demos to import.")
+                first_demo = f["data"][names[0]]
+                _check_demo(first_demo)
+                cameras = _cameras(first_demo["obs"], task, cfg.obs_type)
+                first = _episode(first_demo, num_robots, cfg.obs_type, cameras)
+            # The feature spec from the data's own shapes, in the env's layout (no simulator needed to import).
+            obs_space = build_observation_space(
+                cfg.obs_type,
+                agent_pos=spaces.Box(-np.inf, np.inf, shape=first[STATE_KEY].shape[1:], dtype=np.float32),
+                environment_state=(
+                    spaces.Box(-np.inf, np.inf, shape=first[ENV_STATE_KEY].shape[1:], dtype=np.float32)
+                    if ENV_STATE_KEY in first else None
+                ),
+                cameras={cam: first[IMAGE_PREFIX + cam].shape[1:3] for cam in cameras},
+            )
+            action_space = spaces.Box(-1.0, 1.0, shape=first[ACTION_KEY].shape[1:], dtype=np.float32)
+            features = lerobot_features(obs_space, action_space, use_videos=cfg.use_videos)
+            frames = 0
 
-        def episodes():
-            nonlocal frames
-            for name in names:
-                episode = _episode(f["data"][name], num_robots, cfg.obs_type, cameras)
-                frames += len(episode[ACTION_KEY])
-                yield episode
+            def episodes():
+                nonlocal frames
+                for name in names:
+                    with _reading(path):
+                        episode = _episode(f["data"][name], num_robots, cfg.obs_type, cameras)
+                    frames += len(episode[ACTION_KEY])
+                    yield episode
 
-        spec = get_task(task)
-        write_dataset(root, spec.fps, features, episodes(), task_text=f"{task} robomimic {path.stem}",
-                      robot_type="panda", progress=progress)
-    report = {
-        "source": str(path),
-        "task": task,
-        "env_id": spec.env_id,
-        "env_name": env_args["env_name"],
-        "obs_type": cfg.obs_type,
-        "cameras": list(cameras),
-        "episodes": len(names),
-        "frames": frames,
-        "dataset_root": str(root),
-    }
-    (Path(cfg.out) / "import_report.json").write_text(json.dumps(report, indent=2))
+            spec = get_task(task)
+            replace_dataset(root, spec.fps, features, episodes(), task_text=f"{task} robomimic {path.stem}",
+                            robot_type="panda", progress=progress, expected_episodes=len(names))
+        finally:
+            f.close()
+        report = {
+            "source": str(path),
+            "task": task,
+            "env_id": spec.env_id,
+            "env_name": env_args["env_name"],
+            "obs_type": cfg.obs_type,
+            "cameras": list(cameras),
+            "episodes": len(names),
+            "frames": frames,
+            "dataset_root": str(root),
+        }
+        report_path = Path(cfg.out) / "import_report.json"
+        tmp = report_path.with_name(report_path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, report_path)
     return report

@@ -12,7 +12,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_committed_configs_load():
     policy = build_config(TrainPolicyConfig, CONFIGS / "pusht_state_policy.yaml", dataset="d", out="o")
-    assert policy.preset == "pusht_state" and policy.steps == 10000 and policy.lr == pytest.approx(3e-4)
+    assert policy.preset == "pusht_state" and policy.batch_size == 256 and policy.lr == pytest.approx(5e-4)
+    assert policy.threads == 0 and policy.precision == "auto"  # the fast path: every core, bf16 only where it pays
+    for path in sorted(CONFIGS.glob("*_policy.yaml")):
+        cfg = build_config(TrainPolicyConfig, path, dataset="d", out="o")
+        assert cfg.eval_seed_start >= 900_000, path  # never a demonstration or bench seed
     predictor = build_config(TrainPredictorConfig, CONFIGS / "pusht_state_predictor.yaml", policy="p", dataset="d")
     assert predictor.prev_source == "dataset"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agents.bench import BenchConfig, run_bench
+from agents.config_files import check_minimums
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +26,7 @@ def run(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods:
         raise ValueError("--methods is empty")
+    check_minimums(args, episodes=1, num_envs=1, latency_calls=1, latency_threads=1, max_steps=1)
     cfg = BenchConfig(task=args.task, methods=methods, episodes=args.episodes, seed_start=args.seed_start,
                       num_envs=args.num_envs, checkpoint=args.checkpoint, out=args.out or f"results/{args.task}",
                       latency_calls=args.latency_calls, latency_threads=args.latency_threads, max_steps=args.max_steps,

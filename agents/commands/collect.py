@@ -22,8 +22,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.episodes < 1:
-        raise ValueError("--episodes must be at least 1")
     cfg = CollectConfig(
         task=args.task, agent=args.agent, episodes=args.episodes, out=args.out, obs_type=args.obs_type, workers=args.workers,
         seed_start=args.seed_start, max_seeds=args.max_seeds, min_max_reward=args.min_max_reward,

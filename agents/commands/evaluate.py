@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agents.config_files import check_minimums
 from agents.factory import make_agent
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
@@ -52,8 +53,7 @@ def env_kwargs_from_args(args) -> dict:
 
 def run(args) -> int:
     spec = get_task(args.task)
-    if args.episodes < 1:
-        raise ValueError("--episodes must be at least 1")
+    check_minimums(args, episodes=1, num_envs=1, num_videos=0)
     num_envs = None if args.num_envs <= 1 else args.num_envs
     env = make_env(args.task, obs_type=args.obs_type, num_envs=num_envs, **env_kwargs_from_args(args))
     try:

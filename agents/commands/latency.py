@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agents.config_files import check_minimums
 from agents.latency import LatencyConfig, default_backbone, fresh_predictor, markdown_table, measure_latency
 
 
@@ -28,8 +29,7 @@ def run(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods:
         raise ValueError("--methods is empty")
-    if args.calls < 1:
-        raise ValueError("--calls must be at least 1")
+    check_minimums(args, calls=1, warmup=0, threads=1)
     note = None
     if args.checkpoint:
         backbone, config = load_policy(args.checkpoint, task=args.task)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from agents.commands.evaluate import parse_env_kwargs
+from agents.config_files import check_minimums
 from agents.stall_sweep import StallSweepConfig, markdown_table, run_stall_sweep
 
 
@@ -35,8 +36,7 @@ def run(args) -> int:
         sigmas = tuple(float(s) for s in args.sigmas.split(",") if s.strip())
     except ValueError as err:
         raise ValueError(f"--sigmas must be comma-separated numbers: {err}") from err
-    if args.episodes < 1:
-        raise ValueError("--episodes must be at least 1")
+    check_minimums(args, episodes=1, num_envs=1, max_steps=1, freeze_steps=1, threads=1)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     cfg = StallSweepConfig(task=args.task, checkpoint=args.checkpoint, method=args.method, sigmas=sigmas,
                            lam_stall=args.lam_stall, eps=args.eps, episodes=args.episodes,

@@ -21,6 +21,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps before timing each setting")
     parser.add_argument("--dataset", default=None, help="time on real windows of this dataset (default: synthetic)")
     parser.add_argument("--config", default=None, help="training config to mark (default configs/<task>_<obs>_policy.yaml)")
+    parser.add_argument("--channels-last", action="store_true", help="image encoder in NHWC memory format")
     parser.add_argument("--json", default=None, help="write JSON here, with .md and .png beside it")
 
 
@@ -28,7 +29,7 @@ def run(args) -> int:
     cfg = TrainBenchConfig(
         task=args.task, obs_type=args.obs_type, preset=args.preset, precisions=tuple(args.precisions.split(",")),
         threads=_ints(args.threads), batch_sizes=_ints(args.batch_sizes), steps=args.steps, warmup=args.warmup,
-        dataset=args.dataset, config=args.config,
+        dataset=args.dataset, config=args.config, channels_last=args.channels_last,
     )
     result = run_train_bench(cfg)
     print(markdown(result))

@@ -35,8 +35,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = build_config(TrainPolicyConfig, args.config, **{name: getattr(args, name) for name in OPTIONS})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be positive")
     if cfg.obs_type not in ("state", "pixels"):
         raise ValueError("obs_type must be 'state' or 'pixels'")
     print(json.dumps(train_policy(cfg), indent=2))

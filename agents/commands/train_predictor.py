@@ -35,8 +35,6 @@ def run(args) -> int:
     if args.no_ablation:
         overrides["ablation"] = False
     cfg = build_config(TrainPredictorConfig, args.config, **overrides)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be positive")
     if cfg.prev_source not in ("dataset", "policy"):
         raise ValueError("prev_source must be 'dataset' or 'policy'")
     print(json.dumps(train_predictor(cfg), indent=2))
