@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
-from agents.compute import available_cores, cpu_has_bf16, resolve_threads, use_channels_last
+from agents.compute import available_cores, cpu_has_bf16, resolve_precision, resolve_threads, use_channels_last
+from agents.config_files import build_config
 from agents.training import TrainPolicyConfig, WindowBank, Windows, load_frames, make_optimizer, optimizer_step, sample_indices
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
@@ -72,11 +73,7 @@ def _configured_setting(cfg: TrainBenchConfig) -> dict | None:
     path = Path(cfg.config) if cfg.config else Path("configs") / f"{cfg.task}_{cfg.obs_type}_policy.yaml"
     if not path.exists():
         return None
-    from agents.config_files import build_config
-
     train = build_config(TrainPolicyConfig, path, dataset="", out="")
-    from agents.compute import resolve_precision
-
     return {"precision": resolve_precision(train.precision, has_images=cfg.obs_type == "pixels", quiet=True),
             "threads": resolve_threads(train.threads), "batch_size": train.batch_size, "file": str(path)}
 
