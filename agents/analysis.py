@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from agents.config_files import check_minimums
+
 ANALYSES = ("lipschitz", "contraction", "kselect", "mare", "predictor-only")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("down", "mid", "up", "other")
@@ -178,10 +180,8 @@ def check_config(cfg: AnalyzeConfig) -> None:
         get_task(task)  # "Unknown task ..."
     if cfg.checkpoint and len(cfg.tasks) > 1:
         raise ValueError("--checkpoint names one policy; with several --tasks each task uses checkpoints/<task>.")
-    for name in ("window_episodes", "windows", "num_envs", "batch", "lip_windows", "lip_iters", "kselect_windows",
-                 "episodes", "spread_windows", "power_iters"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    check_minimums(cfg, **dict.fromkeys(("window_episodes", "windows", "num_envs", "batch", "lip_windows", "lip_iters",
+                                         "kselect_windows", "episodes", "spread_windows", "power_iters"), 1))
     if cfg.spread_samples < 2:
         raise ValueError("spread-samples must be at least 2 (a spread needs two samples)")
     last = cfg.seed_start + max(cfg.window_episodes, cfg.episodes) - 1
@@ -298,12 +298,12 @@ def frames_from_episodes(episodes: list[dict], backbone):
 
 
 def collect_windows(ctx: TaskContext, cfg: AnalyzeConfig) -> ValidationWindows:
-    from agents.training import TrainPredictorConfig, Windows, build_predictor_pairs, sample_indices
+    from agents.training import TrainPredictorConfig, Windows, build_predictor_pairs, padded_tail, sample_indices
 
     results, episodes = _vector_rollout(ctx, cfg, cfg.window_source, cfg.window_episodes)
     data = frames_from_episodes(episodes, ctx.backbone)
     pc = ctx.backbone.cfg
-    index = sample_indices(data, pc.horizon - pc.n_action_steps - pc.n_obs_steps + 1)
+    index = sample_indices(data, padded_tail(pc))
     index = index[(index - pc.n_action_steps) >= data.start[index]]  # windows with a previous chunk
     if len(index) == 0:
         raise RuntimeError(f"The {cfg.window_source} rollouts gave no window with a previous chunk; "
@@ -1029,9 +1029,9 @@ def md_kselect(report: dict) -> str:
               "|---|---|" + "---|" * len(first["rows"])]
     for task, res in report["tasks"].items():
         lines.append(f"| {task} | warm start at t | " + " | ".join(str(r["start_timestep"]) for r in res["rows"]) + " |")
-        lines.append(f"| | STEP-K' | " + " | ".join(_g(r["step_mse_to_ddpm"]["mean"]) for r in res["rows"]) + " |")
-        lines.append(f"| | DDIM-K' | " + " | ".join(_g(r["ddim_mse_to_ddpm"]["mean"]) for r in res["rows"]) + " |")
-        lines.append(f"| | bound ε²/(ρ^2K' α²) | " + " | ".join(_g(r["bound"]) for r in res["rows"]) + " |")
+        lines.append("| | STEP-K' | " + " | ".join(_g(r["step_mse_to_ddpm"]["mean"]) for r in res["rows"]) + " |")
+        lines.append("| | DDIM-K' | " + " | ".join(_g(r["ddim_mse_to_ddpm"]["mean"]) for r in res["rows"]) + " |")
+        lines.append("| | bound ε²/(ρ^2K' α²) | " + " | ".join(_g(r["bound"]) for r in res["rows"]) + " |")
     lines += ["", "MSE: per-element mean squared error in the policy's normalised action space, averaged over windows. "
               "STEP-K': x_k = sqrt(ᾱ_k)·predictor + sqrt(1−ᾱ_k)·ε, then K' DDIM steps; the DDPM-100 reference "
               "starts from the same ε (its later step noise is its own). 'DDPM-100 vs DDPM-100': two reference "
@@ -1156,16 +1156,21 @@ def _contraction_panel(ax, res: dict, task: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def plot_contraction(report: dict, path: Path) -> None:
+def _plot_task_panels(report: dict, path: Path, panel, ylabel: str) -> None:
+    """One ``panel(ax, result, task)`` per task side by side, legend on the first."""
     tasks = list(report["tasks"])
     plt, fig, axes = _panels(len(tasks))
     for ax, task in zip(axes[0], tasks):
-        _contraction_panel(ax, report["tasks"][task], task)
-    axes[0][0].set_ylabel("distance ratio per step")
+        panel(ax, report["tasks"][task], task)
+    axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_contraction(report: dict, path: Path) -> None:
+    _plot_task_panels(report, path, _contraction_panel, "distance ratio per step")
 
 
 def _kselect_panel(ax, res: dict, task: str) -> None:
@@ -1184,15 +1189,7 @@ def _kselect_panel(ax, res: dict, task: str) -> None:
 
 
 def plot_kselect(report: dict, path: Path) -> None:
-    tasks = list(report["tasks"])
-    plt, fig, axes = _panels(len(tasks))
-    for ax, task in zip(axes[0], tasks):
-        _kselect_panel(ax, report["tasks"][task], task)
-    axes[0][0].set_ylabel("MSE (normalised actions, log)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _plot_task_panels(report, path, _kselect_panel, "MSE (normalised actions, log)")
 
 
 def plot_mare(report: dict, path: Path) -> None:

@@ -70,18 +70,6 @@ def _read_config(path: Path, expected: str) -> dict:
     return data
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: a kill never leaves half a config
-
-
-def _save_tensors(path: Path, tensors: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
-
-
 def _tensor_writer(tensors: dict):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return lambda path: save_file(tensors, str(path))
@@ -201,10 +189,6 @@ def training_state_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"training_state.safetensors": _tensor_writer(tensors), "training_state.json": _json_writer(meta)}
 
 
-def save_training_state(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    commit_files(path, training_state_files(tensors, meta))
-
-
 def load_training_state(path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The last committed training state of a run folder, or None; completes or discards a killed save first.
 
@@ -272,9 +256,10 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
         with replacing_folder(dst) as new:
             new.mkdir()
             weights = load_tensors(src / "model.safetensors")
-            _save_tensors(new / "model.safetensors", _half_weights(weights, "normalizer.") if half else weights)
+            # plain writes: the whole folder is the transaction (replacing_folder)
+            _tensor_writer(_half_weights(weights, "normalizer.") if half else weights)(new / "model.safetensors")
             config["weights_dtype"] = "float16" if half else "float32"
-            _write_json(new / "config.json", config)
+            _json_writer(config)(new / "config.json")
             for name in RELEASE_LOGS:
                 if (src / name).exists():
                     (new / name).write_bytes((src / name).read_bytes())
@@ -282,8 +267,7 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
                 _read_config(predictor_src, PREDICTOR_FORMAT)  # valid, and any interrupted save completed
                 (new / "predictor").mkdir()
                 weights = load_tensors(predictor_src / "predictor.safetensors")
-                _save_tensors(new / "predictor" / "predictor.safetensors",
-                              _half_weights(weights, None) if half else weights)
+                _tensor_writer(_half_weights(weights, None) if half else weights)(new / "predictor" / "predictor.safetensors")
                 for name in ("config.json",) + PREDICTOR_LOGS:
                     if (predictor_src / name).exists():
                         (new / "predictor" / name).write_bytes((predictor_src / name).read_bytes())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from agents.backbone import PRESETS, Backbone, FeatureSpec
 from agents.compute import available_cores, cpu_has_bf16, resolve_precision, resolve_threads, use_channels_last
 from agents.config_files import build_config
-from agents.training import TrainPolicyConfig, WindowBank, Windows, load_frames, make_optimizer, optimizer_step, sample_indices
+from agents.training import TrainPolicyConfig, WindowBank, fit_normalizer, load_frames, make_optimizer, optimizer_step
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
 BASELINE = {"precision": "fp32", "threads": 1, "batch_size": 64}
@@ -113,9 +113,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         use_channels_last(backbone.model)
     bank = None
     if cfg.dataset:
-        backbone.normalizer.fit(data.state, data.action, data.env_state)
-        drop = policy_cfg.horizon - policy_cfg.n_action_steps - policy_cfg.n_obs_steps + 1
-        bank = WindowBank(Windows(data, policy_cfg.n_obs_steps, policy_cfg.horizon), sample_indices(data, drop))
+        fit_normalizer(backbone, data)
+        bank = WindowBank.for_policy(data, policy_cfg)
     backbone.train()
     train_cfg = TrainPolicyConfig(dataset="", out="", steps=10**6)
     rows = []

@@ -37,7 +37,7 @@ from agents.checkpoint import (
 from agents.config_files import check_minimums
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
-from step_envs.safe_io import commit_files, fault_point, folder_lock
+from step_envs.safe_io import atomic_write, commit_files, fault_point, folder_lock
 from step_envs.seeds import TRAIN_EVAL_SEEDS, check_train_eval_seeds
 
 
@@ -139,6 +139,11 @@ class WindowBank:
         self.images = {IMAGE_PREFIX + cam: img for cam, img in windows.data.images.items()}
         self.action, self.action_is_pad = windows.action(index)
 
+    @classmethod
+    def for_policy(cls, data: "FrameData", cfg) -> "WindowBank":
+        """Every window a policy with config ``cfg`` trains on (all episodes, tails dropped)."""
+        return cls(Windows(data, cfg.n_obs_steps, cfg.horizon), sample_indices(data, padded_tail(cfg)))
+
     def __len__(self) -> int:
         return len(self.action)
 
@@ -147,6 +152,11 @@ class WindowBank:
         rows = self.image_rows[pick]
         obs.update({k: img[rows] for k, img in self.images.items()})
         return obs, self.action[pick], self.action_is_pad[pick]
+
+
+def padded_tail(cfg) -> int:
+    """Frames at an episode's end whose training window would be mostly padding (Diffusion Policy drops them)."""
+    return cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1
 
 
 def sample_indices(data: FrameData, drop_last: int, episodes: set[int] | None = None) -> torch.Tensor:
@@ -158,7 +168,7 @@ def sample_indices(data: FrameData, drop_last: int, episodes: set[int] | None = 
     return idx[keep]
 
 
-def _fit_normalizer(backbone: Backbone, data: FrameData) -> None:
+def fit_normalizer(backbone: Backbone, data: FrameData) -> None:
     sample = None
     if data.images:
         cam = next(iter(data.images))
@@ -236,9 +246,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
 def policy_step_loss(backbone: Backbone, obs: dict, action: torch.Tensor, pad: torch.Tensor, precision: str) -> torch.Tensor:
@@ -314,14 +322,12 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     features = data.features()
     policy_cfg = PRESETS[cfg.preset]
     backbone = Backbone(policy_cfg, features)
-    _fit_normalizer(backbone, data)
+    fit_normalizer(backbone, data)
     if data.images and cfg.channels_last:
         use_channels_last(backbone.model)
-    drop = policy_cfg.horizon - policy_cfg.n_action_steps - policy_cfg.n_obs_steps + 1
-    indices = sample_indices(data, drop)
-    if len(indices) == 0:
+    bank = WindowBank.for_policy(data, policy_cfg)
+    if len(bank) == 0:
         raise ValueError("Dataset too small: no training windows.")
-    bank = WindowBank(Windows(data, policy_cfg.n_obs_steps, policy_cfg.horizon), indices)
 
     optimizer, lr_schedule, ema = make_optimizer(backbone, cfg)
     step = 0
@@ -543,7 +549,7 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
         raise ValueError(f"Dataset features {dataclasses.asdict(data.features())} do not match the policy's "
                          f"{dataclasses.asdict(backbone.features)}.")
     pc = backbone.cfg
-    drop = pc.horizon - pc.n_action_steps - pc.n_obs_steps + 1
+    drop = padded_tail(pc)
     episodes = list(range(data.num_episodes))
     n_val = max(1, round(len(episodes) * cfg.val_fraction)) if len(episodes) > 1 and cfg.val_fraction > 0 else 0
     val_eps = set(episodes[len(episodes) - n_val :])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -30,9 +29,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.config_files import check_minimums
 from step_envs.dataset import LEROBOT_SUBDIR, frame_from_obs, lerobot_features, replace_dataset
 from step_envs.registry import get_task
-from step_envs.safe_io import folder_lock
+from step_envs.safe_io import atomic_write, folder_lock
 from step_envs.seeds import DEMO_SEEDS, check_demo_seeds
 
 
@@ -51,12 +51,6 @@ class CollectConfig:
 
 def _raw_dir(out: str | Path) -> Path:
     return Path(out) / "raw"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def run_expert_episode(task: str, obs_type: str, seed: int, agent: str = "expert") -> dict:
@@ -104,10 +98,10 @@ def _work(args) -> dict:
             with open(path, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
                 np.savez_compressed(f, summary=json.dumps(summary), **result["episode"])
 
-        _atomic_write(raw / f"seed_{seed:07d}.npz", write_npz)
+        atomic_write(raw / f"seed_{seed:07d}.npz", write_npz)
         (raw / f"seed_{seed:07d}.json").unlink(missing_ok=True)  # rejected under an older, stricter threshold
     else:
-        _atomic_write(raw / f"seed_{seed:07d}.json", lambda p: p.write_text(json.dumps(summary)))
+        atomic_write(raw / f"seed_{seed:07d}.json", lambda p: p.write_text(json.dumps(summary)))
     summary["has_frames"] = summary["kept"]
     return summary
 
@@ -186,9 +180,7 @@ def _check_folder(cfg: CollectConfig) -> None:
 
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     get_task(cfg.task)  # fail fast on an unknown task
-    for name in ("episodes", "workers", "max_seeds"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    check_minimums(cfg, episodes=1, workers=1, max_seeds=1)
     check_demo_seeds(cfg.seed_start, cfg.max_seeds)  # before anything is written
     with folder_lock(cfg.out, "collect"):
         _check_folder(cfg)
@@ -202,7 +194,7 @@ def _collect(cfg: CollectConfig, progress: bool) -> dict:
     config_path = Path(cfg.out) / "collect_config.json"
     write_config = lambda path: path.write_text(json.dumps(asdict(cfg), indent=2))  # noqa: E731
     if not config_path.exists():  # marks the folder as collect's from the first run on (see _check_folder)
-        _atomic_write(config_path, write_config)
+        atomic_write(config_path, write_config)
     decisions = {seed: keep(s, cfg.min_max_reward) for seed, s in read_summaries(cfg.out).items()}
     decisions = {seed: d for seed, d in decisions.items() if d is not None}
     pending = [s for s in range(cfg.seed_start, cfg.seed_start + cfg.max_seeds) if s not in decisions]
@@ -228,9 +220,9 @@ def _collect(cfg: CollectConfig, progress: bool) -> dict:
         raise RuntimeError(f"Only {len(kept)} episodes reach --min-max-reward {cfg.min_max_reward} in "
                            f"{cfg.max_seeds} seeds; raise --max-seeds or lower --min-max-reward.")
     report = build_dataset(cfg, progress=progress)
-    _atomic_write(config_path, write_config)  # the settings of the dataset now in lerobot/
+    atomic_write(config_path, write_config)  # the settings of the dataset now in lerobot/
     report["collect_wall_seconds_this_run"] = elapsed
-    _atomic_write(Path(cfg.out) / "collect_report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    atomic_write(Path(cfg.out) / "collect_report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     return report
 
 

@@ -15,7 +15,6 @@ Keys map onto the RoboMimicEnv observation contract, so a policy trained on an i
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from gymnasium import spaces
 from step_envs.contract import build_observation_space, check_obs_type, wants_pixels, wants_state
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, LEROBOT_SUBDIR, STATE_KEY, lerobot_features, replace_dataset
 from step_envs.registry import get_task
-from step_envs.safe_io import folder_lock
+from step_envs.safe_io import atomic_write, folder_lock
 from step_envs.robomimic import ARM_ACTION_DIM, PROPRIO_KEYS, ROBOMIMIC_TASKS, TASK_BY_ROBOSUITE_ENV
 
 
@@ -213,7 +212,5 @@ def import_robomimic(cfg: RoboMimicImportConfig, progress: bool = True) -> dict:
             "dataset_root": str(root),
         }
         report_path = Path(cfg.out) / "import_report.json"
-        tmp = report_path.with_name(report_path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, report_path)
+        atomic_write(report_path, lambda p: p.write_text(json.dumps(report, indent=2)))
     return report

@@ -54,6 +54,15 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs, as with a power cut or the OOM killer
 
 
+# ------------------------------------------------------------------ one file
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary sibling, then rename it over ``path``: a kill leaves the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------ one writer per output folder
 class FolderLockedError(RuntimeError):
     """Another live process is writing the same output folder."""

@@ -71,16 +71,15 @@ def test_export_halves_weights_and_keeps_the_predictor_link(tiny_checkpoint, tmp
 
 # ------------------------------------------------------------------ fast path: precision, threads, exact resume
 def _tiny_backbone_and_batch(tiny_dataset, batch=32):
+    import torch
+
     from agents.backbone import PRESETS, Backbone
-    from agents.training import WindowBank, Windows, load_frames, sample_indices
+    from agents.training import WindowBank, fit_normalizer, load_frames
 
     data = load_frames(tiny_dataset)
     backbone = Backbone(PRESETS["tiny"], data.features())
-    backbone.normalizer.fit(data.state, data.action, data.env_state)
-    cfg = backbone.cfg
-    bank = WindowBank(Windows(data, cfg.n_obs_steps, cfg.horizon),
-                      sample_indices(data, cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1))
-    import torch
+    fit_normalizer(backbone, data)
+    bank = WindowBank.for_policy(data, backbone.cfg)
 
     return backbone, bank.batch(torch.arange(batch) % len(bank))
 
