@@ -26,7 +26,9 @@ table and a plot written by ``write_analysis``:
 * ``mare`` (Table 15 / App. F.2): ``agents.training.evaluate_predictors`` on windows from rollouts: the
   STEP predictor, spatial only (the same predictor without a previous chunk, what ``step-spatial``
   warm-starts from) and temporal only (the previous chunk shifted by Ta, what ``step-temporal`` and action
-  reuse warm-start from). No other action-reuse baseline (BRIDGER, RTI-DP) exists in this library yet.
+  reuse warm-start from; RTI-DP's initial guess, ``agents/rtidp.py``), and Falcon's reused chunk (the previous
+  chunk shifted and diffused to Falcon's intermediate step, read out by one NFE under the current
+  observation: ``falcon_reuse_error``). BRIDGER does not exist in this library yet.
 * ``predictor-only``: closed-loop rollouts of ``step:0`` (the predictor's chunk executed as it is) beside
   DDPM-100 and STEP-k, with the consistency of consecutive chunks in closed loop; and, offline on the same
   validation windows, the spread of DDPM-100's and STEP-k's samples, the distance between them and the
@@ -56,7 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from agents.config_files import check_minimums
+from agents.config_files import check_minimums, option
+from step_envs.seeds import EVAL_SEEDS
 
 ANALYSES = ("lipschitz", "contraction", "kselect", "mare", "predictor-only")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +70,11 @@ COND_PATH = ("cond_encoder", "diffusion_step_encoder", "rgb_encoder")
 
 @dataclass
 class AnalyzeConfig:
-    tasks: tuple[str, ...] = ("pusht",)
-    checkpoint: str | None = None  # one task only; default checkpoints/<task>
-    seed_start: int = 0  # first evaluation seed, for the windows' rollouts and the closed-loop rollouts
+    tasks: tuple[str, ...] = option(("pusht",), help="comma-separated tasks, e.g. pusht,lift,can,square")
+    checkpoint: str | None = option(None, help="policy checkpoint (one task only; default: the task's committed "
+                                               "checkpoint)")
+    out: str | None = option(None, help="output folder (default results/analysis[/<analysis>])")
+    seed_start: int = EVAL_SEEDS.start  # first evaluation seed, for the windows' rollouts and the closed-loop rollouts
     window_episodes: int = 20  # rollouts that provide the validation windows
     window_source: str = "expert"  # or an agent spec (e.g. "ddim:8"), rolled out on the task's checkpoint
     windows: int = 512  # windows used by contraction and mare (a fixed random subset)
@@ -204,11 +209,11 @@ def check_config(cfg: AnalyzeConfig) -> None:
 
 def load_task(task: str, cfg: AnalyzeConfig) -> TaskContext:
     """The task's backbone and predictor; a missing checkpoint or one of another task is refused."""
-    from agents.checkpoint import find_predictor, load_policy, load_predictor
+    from agents.checkpoint import default_checkpoint, find_predictor, load_policy, load_predictor
     from step_envs.registry import get_task
 
     spec = get_task(task)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else REPO_ROOT / "checkpoints" / spec.name
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(spec.name)
     if not (checkpoint / "config.json").exists():
         raise FileNotFoundError(f"No policy checkpoint at {checkpoint} (missing config.json); "
                                 "train one with `step train-policy` or pass --checkpoint.")
@@ -758,17 +763,48 @@ def analyze_mare(ctx: TaskContext, cfg: AnalyzeConfig) -> dict:
     windows = ctx.windows(cfg)
     pairs = windows.take(cfg.windows)
     metrics = evaluate_predictors(ctx.backbone, pairs, {"predictor": ctx.need_predictor(), "temporal_only": None})
+    falcon = falcon_reuse_error(ctx.backbone, pairs, cfg.seed)
     from agents.checkpoint import find_predictor
 
     trained = json.loads((find_predictor(ctx.checkpoint) / "config.json").read_text()).get("metrics", {})
     return {
         "rows": {"spatial": metrics["predictor_no_history"], "temporal": metrics["temporal_only"],
-                 "step": metrics["predictor"]},
+                 "falcon": falcon, "step": metrics["predictor"]},
         "pairs": metrics["pairs"],
         "at_training": {k: trained[k] for k in ("predictor", "temporal_only", "spatial_only", "predictor_no_history")
                         if k in trained},
         "windows": windows.meta(cfg.windows),
     }
+
+
+FALCON_MARE_K = 4  # Falcon's intermediate step for the MARE row: falcon:4 on DDIM-10 (agents/falcon.py)
+
+
+def falcon_reuse_error(backbone, pairs, seed: int, k: int = FALCON_MARE_K) -> dict:
+    """MSE / MARE of Falcon's reused chunk: the previous chunk shifted by Ta (tail held) as the partially
+    denoised latent at Falcon's intermediate step (DDIM-10 index 10 - k), read out as the clean-chunk estimate
+    the network makes of it under the current observation (one NFE). Offline there is no previous replan's
+    latent, so the previous chunk diffused to that step (fixed noise) stands in for it."""
+    from agents.falcon import FalconConfig
+    from agents.predictor import shift_chunk
+    from agents.samplers import DDIMSampler
+    from agents.training import mare
+
+    mask = pairs.has_prev
+    target, prev, cond = pairs.target[mask], pairs.prev[mask], pairs.cond[mask]
+    ddim = DDIMSampler(FalconConfig().base_steps, _schedule(backbone))
+    index = len(ddim.timesteps) - k
+    a_t, b_t = ddim.coef[index][0], ddim.coef[index][1]
+    guess = shift_chunk(prev, backbone.cfg.n_action_steps)
+    with torch.inference_mode():
+        x = a_t * guess + b_t * _noise(guess.shape, seed + 31)
+        t = torch.full((len(x),), ddim.timesteps[index], dtype=torch.long)
+        x0 = ((x - b_t * backbone.denoise(x, t, cond)) / a_t)
+        if ddim.clip is not None:
+            x0 = x0.clamp(-ddim.clip, ddim.clip)
+    unnorm = backbone.unnormalize_action
+    return {"mse": float(F.mse_loss(x0, target)), "mare": mare(unnorm(x0), unnorm(target)), "k": k,
+            "timestep": ddim.timesteps[index]}
 
 
 # ================================================================ 5. predictor-only
@@ -1044,8 +1080,10 @@ def md_mare(report: dict) -> str:
     tgt = _target(report)
     tasks = list(report["tasks"])
     names = [("spatial", "SC: spatial only (predictor without history)"),
-             ("temporal", "TC: temporal only (previous chunk shifted by Ta)"),
+             ("temporal", "TC: RTI-DP's shifted chunk (previous chunk shifted by Ta, last action held)"),
+             ("falcon", f"TC: Falcon's reused chunk (falcon:{FALCON_MARE_K}, its clean estimate under o_t)"),
              ("step", "STC: STEP predictor")]
+    names = [(key, label) for key, label in names if all(key in report["tasks"][t]["rows"] for t in tasks)]
     lines = ["## Predictor error (paper Table 15, App. F.2): MARE (MSE)", "",
              "| Method | " + " | ".join(tasks) + " | avg. MARE |", "|---|" + "---|" * (len(tasks) + 1)]
     for key, label in names:
@@ -1062,7 +1100,9 @@ def md_mare(report: dict) -> str:
     lines += ["", "MARE: mean over chunks of Σ|pred − target| / Σ|target| in raw action units; MSE in the normalised "
               f"space (`agents.training.evaluate_predictors`). Target: the {tgt} chunk; previous chunk: the "
               f"{tgt} action window Ta steps earlier (as `step train-predictor` builds its pairs). SC is what "
-              "`step-spatial` warm-starts from, TC what `step-temporal` (action reuse, RTI-DP-like) warm-starts from; "
+              "`step-spatial` warm-starts from, TC what `step-temporal` and `rtidp` (action reuse) warm-start from, "
+              "Falcon's row the clean estimate of the latent `falcon:4` resumes from (previous chunk diffused to "
+              "its step, `falcon_reuse_error`); "
               "no BRIDGER-style noise-to-action predictor exists in this library.", "", "Windows:"] + _windows_note(report)
     return "\n".join(lines) + "\n"
 
@@ -1196,10 +1236,13 @@ def plot_mare(report: dict, path: Path) -> None:
     plt = _plt()
     tasks = list(report["tasks"])
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) + 2), 3.6), dpi=110)
-    width = 0.27
-    for i, (key, label) in enumerate((("spatial", "SC"), ("temporal", "TC"), ("step", "STEP (STC)"))):
-        ax.bar(np.arange(len(tasks)) + (i - 1) * width, [report["tasks"][t]["rows"][key]["mare"] for t in tasks],
-               width, label=label)
+    bars = [(key, label) for key, label in (("spatial", "SC"), ("temporal", "TC: RTI-DP shift"),
+                                            ("falcon", "TC: Falcon reuse"), ("step", "STEP (STC)"))
+            if all(key in report["tasks"][t]["rows"] for t in tasks)]
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        ax.bar(np.arange(len(tasks)) + (i - (len(bars) - 1) / 2) * width,
+               [report["tasks"][t]["rows"][key]["mare"] for t in tasks], width, label=label)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("MARE")
     ax.legend()

@@ -64,6 +64,13 @@ class PolicyConfig:
     spatial_softmax_num_keypoints: int = 32
     use_group_norm: bool = True
 
+    @property
+    def schedule(self):
+        """The noise schedule (``agents.samplers.ScheduleConfig``) derived from these fields."""
+        from agents.samplers import ScheduleConfig
+
+        return ScheduleConfig.from_policy(self)
+
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -74,11 +81,14 @@ class PolicyConfig:
         return cls(**data)
 
 
+# The CPU-sized state U-Net (4.2 M parameters with Push-T's shapes), small enough for batch-1 CPU inference in a
+# few ms: any low-dimensional task (Push-T keypoints, RoboMimic state, SO-101 twin state).
+STATE_UNET = PolicyConfig(down_dims=(64, 128, 256))
 PRESETS: dict[str, PolicyConfig] = {
-    # Push-T keypoints: state-only U-Net, small enough for batch-1 CPU inference in a few ms.
-    "pusht_state": PolicyConfig(down_dims=(64, 128, 256)),
-    # Any low-dimensional task (RoboMimic state, SO-101 twin state): the same CPU-sized U-Net.
-    "state": PolicyConfig(down_dims=(64, 128, 256)),
+    "state": STATE_UNET,
+    # The same preset under the name the Push-T configs and runs recorded before "state" existed; an alias, not
+    # a copy, so the two can never drift apart.
+    "pusht_state": STATE_UNET,
     # Push-T image: ResNet-18 from scratch with GroupNorm, as Diffusion Policy does without pretraining.
     "pusht_image": PolicyConfig(down_dims=(128, 256, 512), diffusion_step_embed_dim=128),
     # Any image task on the CPU: the same encoder with the state tasks' U-Net (a quarter of the U-Net's
@@ -112,13 +122,8 @@ def lerobot_config(cfg: PolicyConfig, features: FeatureSpec):
         n_groups=cfg.n_groups,
         diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
         use_film_scale_modulation=cfg.use_film_scale_modulation,
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
-        clip_sample=cfg.clip_sample,
-        clip_sample_range=cfg.clip_sample_range,
+        # the noise schedule, as the samplers see it (agents/samplers.py ScheduleConfig)
+        **{k: v for k, v in dataclasses.asdict(cfg.schedule).items() if k != "timestep_spacing"},
         vision_backbone=cfg.vision_backbone,
         pretrained_backbone_weights=None,
         crop_shape=tuple(cfg.crop_shape) if (features.cameras and cfg.crop_shape) else None,
@@ -186,10 +191,12 @@ class Normalizer(nn.Module):
 
 
 class Backbone(nn.Module):
-    """LeRobot's DiffusionModel + our normaliser, with the two entry points our samplers need.
+    """LeRobot's DiffusionModel + our normaliser, with the entry points our samplers and agents need.
 
     * ``global_cond(obs)``: obs history dict (raw units, (B, To, ...)) -> (B, cond_dim) condition.
     * ``denoise(x, t, cond)``: one network evaluation (NFE) of the U-Net in normalised action space.
+    * ``normalize_action`` / ``unnormalize_action``: the action space both ways (the backbone owns its
+      normalisation; nothing else reaches into ``normalizer``).
     """
 
     def __init__(self, cfg: PolicyConfig, features: FeatureSpec):
@@ -201,10 +208,6 @@ class Backbone(nn.Module):
         self.lerobot_cfg = lerobot_config(cfg, features)
         self.model = DiffusionModel(self.lerobot_cfg)
         self.normalizer = Normalizer(features)
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.model.unet
 
     @property
     def action_shape(self) -> tuple[int, int]:
@@ -222,6 +225,14 @@ class Backbone(nn.Module):
             )
         return out
 
+    def normalize_action(self, action: Tensor) -> Tensor:
+        """Raw env units -> the normalised action space the samplers, the predictor and the loss work in."""
+        return self.normalizer.action(action.float())
+
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        """Normalised action space -> raw env units (what agents execute)."""
+        return self.normalizer.unnormalize_action(action)
+
     def global_cond(self, obs: dict[str, Tensor]) -> Tensor:
         return self.model._prepare_global_conditioning(self.normalize_obs(obs))
 
@@ -231,7 +242,7 @@ class Backbone(nn.Module):
     def loss(self, obs: dict[str, Tensor], action: Tensor, action_is_pad: Tensor | None = None) -> Tensor:
         """Diffusion training loss (LeRobot's compute_loss) on a raw-unit batch."""
         batch = self.normalize_obs(obs)
-        batch[ACTION_KEY] = self.normalizer.action(action.float())
+        batch[ACTION_KEY] = self.normalize_action(action)
         if action_is_pad is None:
             action_is_pad = torch.zeros(action.shape[:2], dtype=torch.bool, device=action.device)
         batch["action_is_pad"] = action_is_pad

@@ -8,56 +8,62 @@ from ``agents.latency`` with the bare one-NFE time measured in the same run. Wri
 from __future__ import annotations
 
 import json
-import time
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from agents.factory import make_agent, parse_method
+from agents.checkpoint import default_checkpoint
+from agents.config_files import option, validate_fields
+from agents.factory import DEFAULT_METHODS, make_agent, parse_method
 from agents.latency import LatencyConfig, measure_latency
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
+from step_envs.safe_io import atomic_write
+from step_envs.seeds import EVAL_SEEDS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = ("ddpm:100", "ddim:4", "ddim:2", "dpmsolver:4", "dpmsolver:2", "step:4", "step:2", "step:1")
 METHOD_NAMES = {"ddpm": "Vanilla (DDPM)", "ddim": "DDIM", "dpmsolver": "DPM-Solver++", "step": "STEP",
-                "step-spatial": "STEP, spatial only", "step-temporal": "STEP, temporal only"}
-
-
-def default_checkpoint(task: str) -> Path:
-    """The committed checkpoint of a task (state policy), used when --checkpoint is not given."""
-    return REPO_ROOT / "checkpoints" / task
+                "step-spatial": "STEP, spatial only", "step-temporal": "STEP, temporal only",
+                "rtidp": "RTI-DP", "falcon": "Falcon", "sdp": "SDP", "rnrdp": "RNR-DP"}  # peers: agents/peers.py
 
 
 @dataclass
 class BenchConfig:
     task: str = "pusht"
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    episodes: int = 50
-    seed_start: int = 0
-    num_envs: int = 50  # envs batched per wave (one agent call per step for all of them)
-    checkpoint: str | None = None  # default: checkpoints/<task>
-    out: str = "results/pusht"
-    latency_calls: int = 50
-    latency_threads: int = 1  # batch-1 latency is measured with a fixed torch thread count
-    max_steps: int | None = None  # cap episodes below the task horizon (quick smoke runs only)
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, help="comma-separated method specs")
+    episodes: int = option(50, min=1)
+    seed_start: int = option(EVAL_SEEDS.start, min=0, help="first evaluation seed (step_envs/seeds.py)")
+    num_envs: int = option(50, min=1, help="envs batched per wave (one agent call per step for all of them)")
+    checkpoint: str | None = option(None, help="policy checkpoint (default: the task's committed checkpoint, "
+                                               "see agents/checkpoint.py:default_checkpoint)")
+    out: str | None = option(None, help="output folder (default results/<task>)")
+    latency_calls: int = option(50, min=1)
+    latency_threads: int = option(1, min=1, help="batch-1 latency is measured with a fixed torch thread count")
+    max_steps: int | None = option(None, min=1, help="cap episodes (smoke runs; not for reports)")
     # Re-measure only the latency of an existing results.json in ``out`` (e.g. on a quiet machine after
     # rollouts that ran beside other jobs); success rows are kept as they are.
-    latency_only: bool = False
+    latency_only: bool = option(False, help="keep the success rows of OUT/results.json and re-measure only the latency")
+    # Add these methods' rows to an existing OUT/results.json (same task, checkpoint and seeds): rows of the same
+    # method and step count are replaced, the others kept with their own latency.
+    merge: bool = option(False, help="merge the rows into OUT/results.json (same task, checkpoint, seeds) "
+                                     "instead of replacing it")
     progress: bool = True
+
+    def __post_init__(self):
+        validate_fields(self)
+        if not self.methods:
+            raise ValueError("--methods is empty")
+        if self.out is None:  # derived: one results folder per task
+            self.out = f"results/{self.task}"
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    import torch
-
     from agents.checkpoint import find_predictor, load_policy, load_predictor
 
     spec = get_task(cfg.task)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(spec.name)
     if not (checkpoint / "config.json").exists():
         raise FileNotFoundError(f"No policy checkpoint at {checkpoint}; train one with `step train-policy`.")
-    if cfg.episodes < 1:
-        raise ValueError("episodes must be at least 1")
     methods = [parse_method(m) for m in cfg.methods]  # validate every spec before any work
     backbone, policy_cfg = load_policy(checkpoint, task=spec.name)
     predictor_path = find_predictor(checkpoint)
@@ -79,56 +85,149 @@ def run_bench(cfg: BenchConfig) -> dict:
         rows = _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods)
 
     # Latency after the rollouts, with its own fixed thread count, one method after another.
-    threads_before = torch.get_num_threads()
-    env = make_env(spec.name, obs_type=obs_type)
-    latency_rows = measure_latency(
-        backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
-                                           threads=cfg.latency_threads), env.action_space)
-    env.close()
-    torch.set_num_threads(threads_before)
-    for row, lat in zip(rows, latency_rows):
-        row.update(latency_ms=lat["latency_ms"], nfe_ms_median=lat["nfe_ms_median"], ratio=lat["ratio"])
+    add_latency(rows, bench_latency(cfg, spec.name, obs_type, backbone, predictor))
+    if cfg.merge and not cfg.latency_only:
+        rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
 
-    report = {
-        "task": spec.name,
+    # a latency-only rerun keeps the wall time of the run that made the success rows
+    wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
+    report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
+    write_report(report, out)
+    return report
+
+
+# The pieces below are shared with `step sweep` (agents/sweep.py), so that its merged rows are bench rows.
+def bench_latency(cfg, task: str, obs_type: str, backbone, predictor) -> list[dict]:
+    """Batch-1 latency rows of ``cfg.methods`` with ``cfg.latency_threads`` torch threads (restored afterwards)."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    env = make_env(task, obs_type=obs_type)
+    try:
+        return measure_latency(backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
+                                                                  threads=cfg.latency_threads), env.action_space)
+    finally:
+        env.close()
+        torch.set_num_threads(threads_before)
+
+
+def add_latency(rows: list[dict], latency_rows: list[dict]) -> None:
+    """Put each method's latency columns into its rollout row (same order)."""
+    for row, lat in zip(rows, latency_rows):
+        row.update({k: lat[k] for k in ("latency_ms", "nfe_ms_median", "ratio", "nfe_per_replan", "actions_per_replan",
+                                        "ms_per_action")})
+
+
+def bench_report(cfg, task: str, checkpoint, obs_type: str, rows: list[dict], wall_seconds: float) -> dict:
+    """The content of results.json."""
+    return {
+        "task": task,
         "checkpoint": str(checkpoint),
         "obs_type": obs_type,
         "latency_threads": cfg.latency_threads,
-        # a latency-only rerun keeps the wall time of the run that made the success rows
-        "wall_seconds": previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start,
+        "wall_seconds": wall_seconds,
         "latency_remeasured": cfg.latency_only,
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "rows": rows,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown_table(report))
+
+
+def write_report(report: dict, out: Path) -> None:
+    """results.json and results.md (each replaced atomically), then pareto.png."""
+    atomic_write(out / "results.json", lambda path: path.write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "results.md", lambda path: path.write_text(markdown_table(report)))
     pareto_plot(report, out / "pareto.png")
-    return report
+
+
+def merge_rows(out: Path, task: str, checkpoint: Path, cfg, rows: list[dict]) -> list[dict]:
+    """The rows of ``out/results.json`` with ``rows`` put in (same method and steps replaced, new ones appended)."""
+    if not (out / "results.json").exists():
+        return rows
+    previous = load_report(out)
+    old = previous["rows"]
+    if previous["task"] != task or Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
+        raise ValueError(f"--merge: {out}/results.json is for {previous['task']} / {previous['checkpoint']}, "
+                         f"not {task} / {checkpoint}.")
+    if old and (old[0]["seed_start"], old[0]["episodes"]) != (cfg.seed_start, cfg.episodes):
+        raise ValueError(f"--merge: {out}/results.json has seeds {seed_range(old[0])}, this run "
+                         f"{cfg.seed_start}-{cfg.seed_start + cfg.episodes - 1}; merge only rows on the same seeds.")
+    new = {(r["method"], r["steps"]): r for r in rows}
+    merged = [new.pop((r["method"], r["steps"]), r) for r in old]
+    return merged + [r for r in rows if (r["method"], r["steps"]) in new]
+
+
+class _NFECounter:
+    """Counts the U-Net's calls (one per batched denoising step) while an agent runs."""
+
+    def __init__(self, agent):
+        unet = getattr(getattr(getattr(agent, "backbone", None), "model", None), "unet", None)
+        self.calls = 0
+        self.handle = unet.register_forward_hook(self._hook) if unet is not None else None
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+class _CountingAgent:
+    """The agent as it is, counting its ``act`` calls (control steps of the batch)."""
+
+    def __init__(self, agent):
+        self.agent, self.acts = agent, 0
+
+    def reset(self):
+        return self.agent.reset()
+
+    def act(self, obs):
+        self.acts += 1
+        return self.agent.act(obs)
+
+    def __getattr__(self, name):
+        return getattr(self.agent, name)
 
 
 def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods) -> list[dict]:
-    rows = []
-    for spec_str, (name, steps) in zip(cfg.methods, methods):
-        env = make_env(spec.name, obs_type=obs_type, num_envs=min(cfg.num_envs, len(seeds)))
+    return [rollout_row(cfg, spec_str, spec.name, checkpoint, backbone, predictor, obs_type, seeds,
+                        num_envs=min(cfg.num_envs, len(seeds)))[0] for spec_str in cfg.methods]
+
+
+def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, obs_type: str, seeds: list[int],
+                num_envs: int, agent_kwargs: dict | None = None) -> tuple[dict, list]:
+    """One method's bench row on ``seeds`` (waves of ``num_envs``), with its per-episode results.
+
+    ``step sweep`` runs it per seed block and merges the blocks' episodes; ``agent_kwargs`` go to ``make_agent``.
+    """
+    name, _ = parse_method(spec_str)
+    env = make_env(task, obs_type=obs_type, num_envs=num_envs)
+    try:
+        agent = make_agent(spec_str, env, task=task, checkpoint=str(checkpoint), backbone=backbone,
+                           predictor_model=predictor, **(agent_kwargs or {}))
+        counter, counted = _NFECounter(agent), _CountingAgent(agent)
+        t0 = time.perf_counter()
         try:
-            agent = make_agent(spec_str, env, task=spec.name, checkpoint=str(checkpoint), backbone=backbone,
-                               predictor_model=predictor)
-            t0 = time.perf_counter()
-            results = rollout(env, agent, seeds, progress=cfg.progress, max_steps=cfg.max_steps)
-            rollout_seconds = time.perf_counter() - t0
+            results = rollout(env, counted, seeds, progress=cfg.progress, max_steps=cfg.max_steps)
         finally:
-            env.close()
-        summary = summarize(results)
-        steps = agent.cfg.steps
-        if cfg.progress:
-            print(f"{spec_str}: success {summary['success_rate']:.2f}, mean max reward {summary['mean_max_reward']:.3f} "
-                  f"({rollout_seconds:.0f} s)")
-        rows.append({
-            "method": name, "steps": steps, "episodes": len(seeds), "seed_start": cfg.seed_start,
-            "success_rate": summary["success_rate"], "mean_max_reward": summary["mean_max_reward"],
-            "rollout_seconds": rollout_seconds,
-        })
-    return rows
+            counter.close()
+        rollout_seconds = time.perf_counter() - t0
+    finally:
+        env.close()
+    summary = summarize(results)
+    steps = agent.cfg.steps
+    if cfg.progress:
+        print(f"{spec_str}: success {summary['success_rate']:.2f}, mean max reward {summary['mean_max_reward']:.3f} "
+              f"({rollout_seconds:.0f} s)")
+    row = {
+        "method": name, "steps": steps, "episodes": len(seeds), "seed_start": cfg.seed_start,
+        "success_rate": summary["success_rate"], "mean_max_reward": summary["mean_max_reward"],
+        "rollout_seconds": rollout_seconds,
+        # measured in the rollouts, first calls of episodes included; a batched call counts once
+        "nfe_per_action": counter.calls / counted.acts if counted.acts else None,
+        **(agent.stats() if hasattr(agent, "stats") else {}),
+    }
+    return row, results
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -168,8 +267,9 @@ def markdown_table(report: dict) -> str:
         f"{seed_range(report['rows'][0])}; success with its 95 % Wilson interval; latency: batch 1, "
         f"{report['latency_threads']} torch thread(s).",
         "",
-        f"| Method | Step | Success [95 % CI] | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | Time / (Step x NFE) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| Method | Step | Success [95 % CI] | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | Time / (Step x NFE) "
+        "| NFE / replan | actions / replan | ms / action |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     previous = None
     for row in report["rows"]:
@@ -179,11 +279,31 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"| {shown} | {row['steps']} | {success_cell(row)} | {row['mean_max_reward']:.3f} | "
             f"{row['latency_ms']['median']:.1f} | {row['latency_ms']['p90']:.1f} | {row['nfe_ms_median']:.2f} | "
-            f"{row['ratio']:.2f} |")
+            f"{row['ratio']:.2f} | {_nfe_cell(row)} | {actions_per_replan(row)} | {ms_per_action(row):.2f} |")
     lines.append("")
+    if any(r["method"] in ("rtidp", "falcon", "sdp", "rnrdp") for r in report["rows"]):
+        lines.append("Time: ms per replan (one chunk for chunked methods, one streaming step for SDP / RNR-DP); "
+                     "ms / action = Time / actions executed per replan. NFE / replan: steady state (latency run); "
+                     "NFE / action in results.json: measured in the rollouts. Step: RTI-DP k, Falcon k, SDP / RNR-DP "
+                     "their ladder's levels K (agents/rtidp.py, falcon.py, streaming.py).")
+        lines.append("")
     lines.append(f"Bench wall time: {report['wall_seconds']:.0f} s."
                  + (" Latency re-measured afterwards on its own (`--latency-only`)." if report.get("latency_remeasured") else ""))
     return "\n".join(lines) + "\n"
+
+
+def actions_per_replan(row: dict) -> int:
+    """Actions a replan executes; rows written before issue 14 are chunked methods with Ta = 8."""
+    return row.get("actions_per_replan", 8)
+
+
+def ms_per_action(row: dict) -> float:
+    return row.get("ms_per_action", row["latency_ms"]["median"] / actions_per_replan(row))
+
+
+def _nfe_cell(row: dict) -> str:
+    nfe = row.get("nfe_per_replan", row["steps"])
+    return f"{nfe:.2f}".rstrip("0").rstrip(".")
 
 
 def _pareto_panel(ax, report: dict, colours: dict) -> None:
@@ -236,8 +356,12 @@ def combined_table(reports: list[dict]) -> str:
                 cells[key] = {}
             cells[key][column] = row
     tasks = [r["task"] for r in reports]
-    header = "| Method | Step | " + " | ".join(f"{t} success | {t} ms" for t in tasks) + " |"
-    lines = [header, "|---|---|" + "---|---|" * len(tasks)]
+    # ms per executed action beside ms per replan once methods execute different numbers of actions per replan
+    # (streaming SDP / RNR-DP against chunked methods): the per-chunk and per-step costs then compare.
+    per_action = len({actions_per_replan(r) for report in reports for r in report["rows"]}) > 1
+    header = "| Method | Step | " + " | ".join(f"{t} success | {t} ms" + (f" | {t} ms/act" if per_action else "")
+                                              for t in tasks) + " |"
+    lines = [header, "|---|---|" + ("---|---|---|" if per_action else "---|---|") * len(tasks)]
     previous = None
     for method, steps in keys:
         name = METHOD_NAMES.get(method, method)
@@ -245,11 +369,17 @@ def combined_table(reports: list[dict]) -> str:
         values = []
         for column in range(len(reports)):
             row = cells[(method, steps)].get(column)
-            values += ([success_cell(row), f"{row['latency_ms']['median']:.1f}"] if row else ["-", "-"])
+            if row is None:
+                values += ["-"] * (3 if per_action else 2)
+                continue
+            values += [success_cell(row), f"{row['latency_ms']['median']:.1f}"]
+            values += [f"{ms_per_action(row):.2f}"] if per_action else []
         lines.append(f"| {shown} | {steps} | " + " | ".join(values) + " |")
     episodes = ", ".join(f"{r['task']} {r['rows'][0]['episodes']} episodes on seeds {seed_range(r['rows'][0])}"
                          for r in reports)
-    lines += ["", f"Success [95 % Wilson interval] over {episodes}; time: median batch-1 chunk latency on the CPU."]
+    lines += ["", f"Success [95 % Wilson interval] over {episodes}; time: median batch-1 chunk latency on the CPU."
+              + (" For SDP / RNR-DP the time is one streaming replan (5 actions / 1 action); ms/act: the time per "
+                 "executed action." if per_action else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -125,6 +126,18 @@ def save_policy(path, backbone: Backbone, task: str, obs_type: str, extra: dict 
     return Path(path)
 
 
+def predictor_files(predictor: Predictor, backbone: Backbone, extra: dict | None = None) -> dict:
+    """The files of a predictor checkpoint, as writers for ``commit_files`` (the twin of ``policy_files``)."""
+    config = {
+        "format": PREDICTOR_FORMAT,
+        "version": FORMAT_VERSION,
+        "predictor": dataclasses.asdict(predictor.cfg),
+        "policy_fingerprint": policy_fingerprint(backbone),
+    }
+    config.update(extra or {})
+    return {"predictor.safetensors": _tensor_writer(predictor.state_dict()), "config.json": _json_writer(config)}
+
+
 def read_policy_config(path) -> dict:
     return _read_config(Path(path), POLICY_FORMAT)
 
@@ -142,21 +155,17 @@ def load_policy(path, task: str | None = None, features: FeatureSpec | None = No
             f"but this env has {dataclasses.asdict(features)} (wrong obs_type or task?)."
         )
     backbone = Backbone(PolicyConfig.from_dict(config["policy"]), saved)
+    if config.get("per_position_timesteps"):  # a streaming (SDP / RNR-DP) backbone: agents/per_position.py
+        from agents.per_position import enable_per_position
+
+        enable_per_position(backbone)
     backbone.load_state_dict(load_tensors(path / "model.safetensors"))
     backbone.eval()
     return backbone, config
 
 
 def save_predictor(path, predictor: Predictor, backbone: Backbone, extra: dict | None = None) -> Path:
-    config = {
-        "format": PREDICTOR_FORMAT,
-        "version": FORMAT_VERSION,
-        "predictor": dataclasses.asdict(predictor.cfg),
-        "policy_fingerprint": policy_fingerprint(backbone),
-    }
-    config.update(extra or {})
-    commit_files(path, {"predictor.safetensors": _tensor_writer(predictor.state_dict()),
-                        "config.json": _json_writer(config)})
+    commit_files(path, predictor_files(predictor, backbone, extra))
     return Path(path)
 
 
@@ -173,6 +182,37 @@ def load_predictor(path, backbone: Backbone | None = None) -> tuple[Predictor, d
     predictor.load_state_dict(load_tensors(path / "predictor.safetensors"))
     predictor.eval()
     return predictor, config
+
+
+CHECKPOINTS_ENV = "STEP_CHECKPOINTS"  # os.pathsep-separated folders that hold <task>/config.json
+
+
+def checkpoint_search_path() -> list[Path]:
+    """Where ``default_checkpoint`` looks, in order: ``$STEP_CHECKPOINTS`` (each folder), ``./checkpoints`` (the
+    working directory) and the ``checkpoints/`` folder of a source checkout (an editable install or a clone).
+
+    A non-editable install (``pip install .``) ships the code, not the committed checkpoints (8.9 MB per task):
+    point ``STEP_CHECKPOINTS`` at a clone's ``checkpoints/`` folder, run from the clone, or pass --checkpoint.
+    """
+    folders = [Path(p) for p in os.environ.get(CHECKPOINTS_ENV, "").split(os.pathsep) if p]
+    folders += [Path.cwd() / "checkpoints", Path(__file__).resolve().parents[1] / "checkpoints"]
+    unique: list[Path] = []
+    for folder in folders:
+        if folder.resolve() not in [u.resolve() for u in unique]:
+            unique.append(folder)
+    return unique
+
+
+def default_checkpoint(task: str) -> Path:
+    """The committed checkpoint of a task (used when --checkpoint is not given), from ``checkpoint_search_path``.
+
+    FileNotFoundError naming every path tried when none holds ``<task>/config.json``."""
+    tried = [folder / task for folder in checkpoint_search_path()]
+    for candidate in tried:
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"No checkpoint for task {task!r}; tried {', '.join(map(str, tried))}. Pass --checkpoint, "
+                            f"or set {CHECKPOINTS_ENV} to a folder holding {task}/config.json.")
 
 
 def find_predictor(checkpoint) -> Path | None:
@@ -230,7 +270,6 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 # ----- release copies (what gets committed under checkpoints/) -----
 
 RELEASE_LOGS = ("loss.jsonl", "eval.jsonl", "train_config.json")
-PREDICTOR_LOGS = ("train_report.json",)
 
 
 def _half_weights(tensors: dict[str, torch.Tensor], keep_prefix: str | None) -> dict[str, torch.Tensor]:
@@ -268,9 +307,8 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
                 (new / "predictor").mkdir()
                 weights = load_tensors(predictor_src / "predictor.safetensors")
                 _tensor_writer(_half_weights(weights, None) if half else weights)(new / "predictor" / "predictor.safetensors")
-                for name in ("config.json",) + PREDICTOR_LOGS:
-                    if (predictor_src / name).exists():
-                        (new / "predictor" / name).write_bytes((predictor_src / name).read_bytes())
+                # the predictor's metrics live in its config.json (train-predictor writes no other file)
+                (new / "predictor" / "config.json").write_bytes((predictor_src / "config.json").read_bytes())
             # Load what was written, so a broken export fails here and not in someone's benchmark.
             backbone, _ = load_policy(new, task=config["task"])
             if predictor_src is not None:

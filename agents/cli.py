@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("agents.commands.export", "copy a trained policy + predictor to a small release folder (float16)"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
     "table": ("agents.commands.table", "several tasks' bench results side by side (Table 2/3) + Pareto panels"),
+    "sweep": ("agents.commands.sweep", "bench cells (task x method x seed block x setting) on Ray, resumable, merged"),
     "stall-sweep": ("agents.commands.stall_sweep", "STEP with and without the stall perturbation, over sigma"),
     "latency": ("agents.commands.latency", "batch-1 chunk latency per method beside the one-NFE time"),
     "analyze": ("agents.commands.analyze", "the paper's Appendix E: Lipschitz bounds, contraction, K' selection, MARE"),

@@ -33,23 +33,15 @@ import torch
 from torch import Tensor
 
 from agents.backbone import Backbone
+from agents.factory import DEFAULT_STEPS, WARM_SOURCES
 from agents.predictor import Predictor, shift_chunk
 from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler
+from agents.sb3 import DiffusionRowsMixin
 from agents.stall import StallConfig, StallDetector
+from step_envs.contract import AGENT_POS, ENVIRONMENT_STATE, PIXELS
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
-DEFAULT_STEPS = {"ddpm": 100, "ddim": 4, "dpmsolver": 4, "step": 2}
 FIRST_CALL_MODES = ("predictor", "noise")
-# Where STEP's warm start comes from (the paper's Table 16 consistency ablation):
-#   predictor: f(o_t, A_{t-1}), spatiotemporal (STEP);  spatial: f(o_t) only, the previous chunk is never
-#   shown;  temporal: the previous chunk shifted by Ta, no predictor (first call of an episode: noise).
-WARM_SOURCES = ("predictor", "spatial", "temporal")
-
-
-def split_method(name: str) -> tuple[str, str]:
-    """"step-spatial" -> ("step", "spatial"); plain names use the predictor warm start."""
-    method, _, warm_source = name.partition("-")
-    return method, warm_source or "predictor"
 
 
 @dataclass
@@ -65,7 +57,7 @@ class AgentConfig:
     stall: StallConfig = field(default_factory=StallConfig)
 
 
-class DiffusionAgent:
+class DiffusionAgent(DiffusionRowsMixin):  # + stable-baselines3's predict() (agents/sb3.py)
     def __init__(self, backbone: Backbone, cfg: AgentConfig, action_space, batch_size: int | None = None,
                  predictor: Predictor | None = None):
         if cfg.method not in DEFAULT_STEPS:
@@ -99,13 +91,7 @@ class DiffusionAgent:
         if cfg.method == "step":
             assert self.sampler is None or isinstance(self.sampler, DDIMSampler)
             self.warm = WarmStart(self.sampler) if self.sampler is not None else None
-            self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)
-            # Draw xi at every warm start, whatever the stall settings, so that (a) each row's random stream
-            # does not depend on the other rows of the batch and (b) the denoising noise is the same
-            # stream with the detector off and on: a detector that never fires changes nothing. (Drawing
-            # xi only when the detector could fire shifted all later noise, so "off" and "on, never
-            # firing" were two different random samples.) The cost is one (H, A) randn per chunk.
-            self.perturb = True
+            self.stall = StallDetector(cfg.stall, shift=pc.n_action_steps)  # xi: see WarmStart.sample
         self.n_replans = 0
         self.reset()
 
@@ -128,9 +114,9 @@ class DiffusionAgent:
         feats = self.backbone.features
         lead = () if self.batch_size is None else (self.batch_size,)
         out = {}
-        wanted = [("agent_pos", STATE_KEY, (feats.state_dim,))]
+        wanted = [(AGENT_POS, STATE_KEY, (feats.state_dim,))]
         if feats.env_state_dim:
-            wanted.append(("environment_state", ENV_STATE_KEY, (feats.env_state_dim,)))
+            wanted.append((ENVIRONMENT_STATE, ENV_STATE_KEY, (feats.env_state_dim,)))
         for key, name, shape in wanted:
             if key not in obs:
                 raise ValueError(f"Observation lacks {key!r} (has {sorted(obs)}); the policy needs it.")
@@ -141,7 +127,7 @@ class DiffusionAgent:
                 raise ValueError(f"Observation {key!r} contains NaN or inf.")
             out[name] = torch.from_numpy(arr).reshape(self.rows, *shape)
         for cam, hwc in feats.cameras.items():
-            pixels = obs.get("pixels", {})
+            pixels = obs.get(PIXELS, {})
             if cam not in pixels:
                 raise ValueError(f"Observation lacks pixels[{cam!r}]; the policy needs that camera.")
             arr = np.asarray(pixels[cam])
@@ -176,7 +162,7 @@ class DiffusionAgent:
             else:
                 pred = self._predict(cond, prev if source == "predictor" else None)
             lam, sigma, _ = self.stall.coefficients(self.rows)
-            chunk = self.warm.sample(denoise, cond, pred, self.generators, lam=lam, sigma=sigma, perturb=self.perturb)
+            chunk = self.warm.sample(denoise, cond, pred, self.generators, lam=lam, sigma=sigma)
         self.stall.update(prev, chunk)
         self.prev_chunk = chunk
         return chunk
@@ -198,8 +184,10 @@ class DiffusionAgent:
             cond = self.backbone.global_cond(self.history)
             chunk = self.plan(cond)
             start = pc.n_obs_steps - 1
-            actions = self.backbone.normalizer.unnormalize_action(chunk[:, start : start + pc.n_action_steps])
+            actions = self.backbone.unnormalize_action(chunk[:, start : start + pc.n_action_steps])
         self.last_chunk = chunk
+        # The one clip of the policy's actions: into the env's action space (the env's validate_action only
+        # clips float noise within its tolerance and refuses anything further out).
         self.cache = np.clip(actions.numpy(), self.low, self.high).astype(np.float32)
         self.cache_index = 0
         self.n_replans += 1

@@ -8,6 +8,31 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+# The default method list of every command that compares methods (`step bench`, `step latency`): the paper's
+# Table 2 rows on one shared backbone.
+DEFAULT_METHODS = ("ddpm:100", "ddim:4", "ddim:2", "dpmsolver:4", "dpmsolver:2", "step:4", "step:2", "step:1")
+
+
+# Method specs are parsed here and nowhere else: ``parse_method`` (name, steps), ``split_method`` (the STEP
+# ablation variants), ``DEFAULT_STEPS`` (a spec without ``:steps``) and ``needs_predictor``.
+DEFAULT_STEPS = {"ddpm": 100, "ddim": 4, "dpmsolver": 4, "step": 2}
+# Where STEP's warm start comes from (the paper's Table 16 consistency ablation):
+#   predictor: f(o_t, A_{t-1}), spatiotemporal (STEP);  spatial: f(o_t) only, the previous chunk is never
+#   shown;  temporal: the previous chunk shifted by Ta, no predictor (first call of an episode: noise).
+WARM_SOURCES = ("predictor", "spatial", "temporal")
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """"step-spatial" -> ("step", "spatial"); plain names use the predictor warm start."""
+    method, _, warm_source = name.partition("-")
+    return method, warm_source or "predictor"
+
+
+def needs_predictor(spec: str) -> bool:
+    """Whether a method spec runs STEP's predictor (every STEP variant except step-temporal)."""
+    method, warm_source = split_method(parse_method(spec)[0])
+    return method == "step" and warm_source != "temporal"
+
 
 def parse_method(spec: str) -> tuple[str, int | None]:
     name, _, steps = spec.strip().partition(":")
@@ -16,7 +41,7 @@ def parse_method(spec: str) -> tuple[str, int | None]:
     if steps:
         if not steps.isdigit():
             raise ValueError(f"Method spec {spec!r}: steps must be a positive integer, e.g. 'ddim:4'.")
-        if int(steps) == 0 and name.lower() != "step":
+        if int(steps) == 0 and name.lower() not in ("step", "rtidp"):  # rtidp:0: the shifted chunk (agents/rtidp.py)
             raise ValueError(f"Method spec {spec!r}: only 'step:0' (the predictor's chunk, no denoising) may have "
                              "0 steps; others need a positive integer, e.g. 'ddim:4'.")
         return name.lower(), int(steps)
@@ -26,6 +51,8 @@ def parse_method(spec: str) -> tuple[str, int | None]:
 def _single_spaces(env):
     if isinstance(env, gym.vector.VectorEnv):
         return env.single_observation_space, env.single_action_space, env.num_envs
+    if hasattr(env, "num_envs") and hasattr(env, "step_async"):  # a stable-baselines3 VecEnv (agents/sb3.py)
+        return env.observation_space, env.action_space, env.num_envs
     return env.observation_space, env.action_space, None
 
 
@@ -33,7 +60,7 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
     name, steps = parse_method(method)
     obs_space, action_space, batch = _single_spaces(env)
     if name == "expert":
-        from step_envs.experts import make_expert
+        from agents.experts import make_expert
 
         if task is None:
             raise ValueError("The expert agent needs the task name.")
@@ -42,9 +69,17 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
         from agents.simple import RandomAgent
 
         return RandomAgent(action_space, seed=seed, batch_size=batch)
+    if name == "leader":  # teleoperation: kwargs port, robot_id, calibration_dir (agents/leader_arm.py)
+        from agents.leader_arm import LeaderArm
+
+        return LeaderArm(**kwargs)
     if name in DIFFUSION_METHODS:
         return make_diffusion_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
-    raise ValueError(f"Unknown method {name!r}. Known: expert, random, {', '.join(DIFFUSION_METHODS)}.")
+    from agents.peers import PEER_METHODS, make_peer_agent  # RTI-DP, Falcon, SDP, RNR-DP (issue 14)
+
+    if name in PEER_METHODS:
+        return make_peer_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
+    raise ValueError(f"Unknown method {name!r}. Known: expert, random, leader, {', '.join(DIFFUSION_METHODS + PEER_METHODS)}.")
 
 
 DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver", "step", "step-spatial", "step-temporal")
@@ -64,18 +99,23 @@ def _env_task(env) -> str | None:
 
 def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = None, checkpoint: str | None = None,
                          seed: int = 0, predictor: str | None = None, first_call: str = "predictor",
-                         stall=None, backbone=None, predictor_model=None, trace_predictor: bool = True):
+                         stall=None, backbone=None, predictor_model=None, trace_predictor: bool = True,
+                         runtime: str = "torch", onnx_dir: str | None = None):
     """DDPM / DDIM / DPM-Solver++ / STEP on a trained backbone checkpoint.
+
+    ``runtime="onnx"``: the same agent run through ONNX Runtime (``agents/onnx_runtime.py``); its graphs come
+    from ``onnx_dir`` (default ``<checkpoint>/onnx``, written by ``step export --onnx``) or are exported on the fly.
 
     STEP's predictor: ``predictor=DIR``, else ``<checkpoint>/predictor``. ``stall``: a StallConfig or a
     dict of its fields. ``backbone`` / ``predictor_model``: already-loaded modules (tests, benchmarks).
     """
     from agents.checkpoint import features_from_spaces, find_predictor, load_policy, load_predictor
-    from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent, split_method
+    from agents.diffusion_agents import AgentConfig, DiffusionAgent
     from agents.stall import StallConfig
 
     obs_space, action_space, batch = _single_spaces(env)
     # "step-spatial" / "step-temporal": STEP with the warm start of the consistency ablation (Table 16).
+    wants_predictor = needs_predictor(name)
     name, warm_source = split_method(name)
     steps = DEFAULT_STEPS[name] if steps is None else steps  # 0 is meaningful: step:0, the predictor alone
     if name == "ddpm" and steps != 100:
@@ -85,7 +125,7 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
             raise ValueError(f"Method {name!r} needs --checkpoint (a `step train-policy` output folder).")
         backbone, _ = load_policy(checkpoint, task=task or _env_task(env), features=features_from_spaces(obs_space, action_space))
     model = predictor_model
-    if name == "step" and model is None and warm_source != "temporal":
+    if model is None and wants_predictor:
         path = predictor or (find_predictor(checkpoint) if checkpoint else None)
         if path is None:
             raise ValueError("STEP needs a predictor: pass predictor=DIR or train one into <checkpoint>/predictor.")
@@ -94,4 +134,15 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
         stall = StallConfig(**stall)
     cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call,
                       warm_source=warm_source, stall=stall or StallConfig(), trace_predictor=trace_predictor)
+    if runtime == "onnx":
+        from pathlib import Path
+
+        from agents.onnx_runtime import OnnxDiffusionAgent
+
+        if onnx_dir is None and checkpoint is not None:
+            onnx_dir = Path(checkpoint) / "onnx"
+        return OnnxDiffusionAgent(backbone, cfg, action_space, batch_size=batch, predictor=model, onnx_dir=onnx_dir,
+                                  task=task or _env_task(env))
+    if runtime != "torch":
+        raise ValueError(f"Unknown runtime {runtime!r}: torch, onnx.")
     return DiffusionAgent(backbone, cfg, action_space, batch_size=batch, predictor=model)

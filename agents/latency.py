@@ -12,23 +12,40 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
-from agents.diffusion_agents import DEFAULT_STEPS, AgentConfig, DiffusionAgent, split_method
+from agents.config_files import option, validate_fields
+from agents.factory import DEFAULT_METHODS, make_agent, parse_method
 from agents.predictor import Predictor, PredictorConfig
 
 
 @dataclass
 class LatencyConfig:
-    methods: tuple[str, ...] = ("ddpm:100", "ddim:4", "ddim:2", "dpmsolver:4", "dpmsolver:2", "step:4", "step:2")
-    calls: int = 50
-    warmup: int = 5
-    nfe_calls: int = 100
-    threads: int = 1
+    task: str = "pusht"
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, help="comma-separated method specs, e.g. ddim:2,step:2")
+    checkpoint: str | None = option(None, help="policy checkpoint; default: a fresh untrained backbone")
+    predictor: str | None = option(None, help="predictor checkpoint (default <checkpoint>/predictor)")
+    preset: str = option("pusht_state", choices=PRESETS, help="backbone preset when no checkpoint is given")
+    calls: int = option(50, min=1, help="timed calls per method (>= 50 for reports)")
+    warmup: int = option(5, min=0)
+    nfe_calls: int = option(100, min=1, help="timed bare denoiser calls before each method")
+    threads: int = option(1, min=1, help="torch threads (fixed for the whole run)")
+    runtime: tuple[str, ...] = option(("torch",), help="torch, onnx, or torch,onnx: every method in each runtime, "
+                                      "side by side in one run (ONNX Runtime: intra-op threads = --threads)")
     seed: int = 0
+    json: str | None = option(None, help="write the rows here")
+
+    def __post_init__(self):
+        validate_fields(self)
+        if not self.methods:
+            raise ValueError("--methods is empty")
+        bad = [r for r in self.runtime if r not in ("torch", "onnx")]
+        if bad or not self.runtime:
+            raise ValueError(f"--runtime takes torch and/or onnx, got {','.join(self.runtime) or 'nothing'}.")
 
 
 def _random_history(backbone: Backbone, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -67,20 +84,38 @@ def time_nfe(backbone: Backbone, history: dict, calls: int, warmup: int = 5) -> 
     return statistics.median(samples)
 
 
-def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: LatencyConfig, action_space) -> list[dict]:
-    from agents.factory import parse_method
+def count_nfe(agent, history: dict, calls: int) -> float:
+    """Mean network calls per ``agent.chunk`` over ``calls`` calls (a forward hook on the U-Net, untimed)."""
+    if hasattr(agent, "count_nfe"):  # ONNX Runtime agents count their own graph's network calls
+        return agent.count_nfe(history, calls)
+    count = [0]
+    handle = agent.backbone.model.unet.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        for _ in range(calls):
+            agent.chunk(history)
+    finally:
+        handle.remove()
+    return count[0] / calls
 
+
+def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: LatencyConfig, action_space) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     generator = torch.Generator().manual_seed(cfg.seed)
     history = _random_history(backbone, generator)
+    # make_agent reads only the action space when the backbone is given (no env is stepped here)
+    spaces = SimpleNamespace(observation_space=None, action_space=action_space)
     rows = []
-    for spec in cfg.methods:
-        name, steps = parse_method(spec)
-        method, warm_source = split_method(name)
-        steps = DEFAULT_STEPS[method] if steps is None else steps  # step:0 runs no NFE
-        agent = DiffusionAgent(backbone, AgentConfig(method=method, steps=steps, seed=cfg.seed, warm_source=warm_source),
-                               action_space, predictor=predictor if method == "step" else None)
-        nfe = time_nfe(backbone, history, cfg.nfe_calls)
+    for spec, runtime in [(spec, runtime) for spec in cfg.methods for runtime in cfg.runtime]:
+        from agents.peers import timing_backbone  # sdp / rnrdp on a chunk backbone: timed on a per-position copy
+
+        extra = {"runtime": runtime} if runtime != "torch" else {}  # ONNX: agents/onnx_runtime.py
+        agent = make_agent(spec, spaces, seed=cfg.seed, backbone=timing_backbone(spec, backbone), predictor_model=predictor,
+                           **extra)
+        steps = agent.cfg.steps  # step:0 runs no NFE
+        if hasattr(agent, "time_nfe"):  # this runtime's own one-NFE time (ONNX: one unet.onnx call)
+            nfe = agent.time_nfe(history, cfg.nfe_calls)
+        else:
+            nfe = time_nfe(agent.backbone, history, cfg.nfe_calls)
         agent.reset()
         for _ in range(cfg.warmup):
             agent.chunk(history)
@@ -90,13 +125,21 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
             agent.chunk(history)
             samples.append(time.perf_counter() - t0)
         latency = _ms(samples)
+        # Per replan: the network calls (counted on untimed calls after the timed ones, in the same steady state)
+        # and the actions it executes, so chunked (Ta per replan) and streaming (1 or 5) methods compare per action.
+        nfe_per_replan = count_nfe(agent, history, max(cfg.warmup, 3))
+        actions = getattr(agent, "actions_per_replan", backbone.cfg.n_action_steps)
         rows.append({
-            "method": name,
+            "method": parse_method(spec)[0],
             "steps": steps,
+            "runtime": runtime,
             "latency_ms": latency,
             "nfe_ms_median": nfe * 1e3,
+            "nfe_per_replan": nfe_per_replan,
+            "actions_per_replan": actions,
+            "ms_per_action": latency["median"] / actions,
             # step:0 (predictor only, no NFE): its time in units of one NFE
-            "ratio": latency["median"] / (max(steps, 1) * nfe * 1e3),
+            "ratio": latency["median"] / (max(nfe_per_replan, 1) * nfe * 1e3),
         })
     return rows
 
@@ -116,14 +159,29 @@ def default_backbone(task: str = "pusht", preset: str = "pusht_state") -> tuple[
 def fresh_predictor(backbone: Backbone) -> Predictor:
     with torch.inference_mode():
         cond_dim = backbone.global_cond(_random_history(backbone, torch.Generator().manual_seed(0))).shape[1]
-    pc = backbone.cfg
-    return Predictor(PredictorConfig(horizon=pc.horizon, action_dim=backbone.features.action_dim, n_obs_steps=pc.n_obs_steps,
-                                     cond_dim=cond_dim, shift=pc.n_action_steps)).eval()
+    return Predictor(PredictorConfig.for_policy(backbone.cfg, backbone.features.action_dim, cond_dim)).eval()
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | steps | median ms | p90 ms | NFE ms | ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| method | steps | median ms / replan | p90 ms | NFE / replan | actions / replan | ms / action | NFE ms | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['steps']} | {r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | "
+        method = r["method"] + (f" ({r['runtime']})" if r.get("runtime", "torch") != "torch" else "")
+        lines.append(f"| {method} | {r['steps']} | {r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | "
+                     f"{r['nfe_per_replan']:.2f} | {r['actions_per_replan']} | {r['ms_per_action']:.2f} | "
                      f"{r['nfe_ms_median']:.2f} | {r['ratio']:.3f} |")
     return "\n".join(lines)
+
+
+def runtime_comparison(rows: list[dict]) -> list[dict]:
+    """Per method measured in both runtimes: ONNX's median and ratio beside torch's, and the speed-up."""
+    by = {(r["method"], r["steps"], r.get("runtime", "torch")): r for r in rows}
+    out = []
+    for (method, steps, runtime), r in by.items():
+        other = by.get((method, steps, "onnx"))
+        if runtime != "torch" or other is None:
+            continue
+        out.append({"method": method, "steps": steps, "torch_ms": r["latency_ms"]["median"],
+                    "onnx_ms": other["latency_ms"]["median"], "torch_ratio": r["ratio"], "onnx_ratio": other["ratio"],
+                    "onnx_speedup": r["latency_ms"]["median"] / other["latency_ms"]["median"]})
+    return out

@@ -1,6 +1,6 @@
 """The STEP predictor f(o_t, A_{t-1}) -> Â_t, in the backbone's normalised action space.
 
-Architecture (paper Fig. 2, DESIGN.md), d = 128:
+Architecture (paper Fig. 2 and App. F.2), d = 128:
   * conditioning tokens: one token per observation step (the backbone's global condition split by
     step, so state and image variants share the code) and one token per step of the previous chunk,
     each with a learned position; a small self-attention encoder mixes them;
@@ -41,6 +41,12 @@ class PredictorConfig:
     dropout: float = 0.0
     use_prev: bool = True  # False: the spatial-only ablation (observation in, chunk out)
     prev_dropout: float = 0.15  # training: probability of hiding the previous chunk (first-call mode)
+
+    @classmethod
+    def for_policy(cls, policy, action_dim: int, cond_dim: int, **fields) -> "PredictorConfig":
+        """The predictor of a backbone: horizon, observation steps and shift (Ta) come from its ``PolicyConfig``."""
+        return cls(horizon=policy.horizon, action_dim=action_dim, n_obs_steps=policy.n_obs_steps, cond_dim=cond_dim,
+                   shift=policy.n_action_steps, **fields)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PredictorConfig":

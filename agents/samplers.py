@@ -16,7 +16,6 @@ schedulers' own ``step``.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -24,20 +23,28 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from agents.backbone import PolicyConfig
+
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+_POLICY = PolicyConfig()  # the schedule's values are defined once, in PolicyConfig (what a backbone trains with)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The training noise schedule of the backbone (must match what it was trained with)."""
+    """The training noise schedule of the backbone (must match what it was trained with).
 
-    num_train_timesteps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    prediction_type: str = "epsilon"
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
+    Derived from the backbone's config (``PolicyConfig.schedule`` / ``ScheduleConfig.from_policy``); the defaults
+    are ``PolicyConfig``'s own, not restated here. Only ``timestep_spacing`` (inference) is the sampler's."""
+
+    num_train_timesteps: int = _POLICY.num_train_timesteps
+    beta_schedule: str = _POLICY.beta_schedule
+    beta_start: float = _POLICY.beta_start
+    beta_end: float = _POLICY.beta_end
+    prediction_type: str = _POLICY.prediction_type
+    clip_sample: bool = _POLICY.clip_sample
+    clip_sample_range: float = _POLICY.clip_sample_range
     timestep_spacing: str = "leading"  # as Diffusion Policy / LeRobot: DDIM-2 runs t = 50, 0
 
     def common_kwargs(self) -> dict:
@@ -70,7 +77,10 @@ def _timestep_tensors(timesteps) -> list[Tensor]:
 
 
 class Sampler:
-    """Base: ``sample(denoise, cond, x_init=None, generators=None) -> x0`` (B, H, A)."""
+    """Base: ``sample(denoise, cond, shape, generators=None, x_init=None, trace=None) -> x0`` of ``shape`` (B, H, A).
+
+    ``generators``: one torch.Generator per batch row (or None); ``x_init``: the starting sample instead of noise;
+    ``trace``: a list that receives every intermediate sample."""
 
     name = "sampler"
     steps: int
@@ -251,10 +261,13 @@ class WarmStart:
             x = x + sigma * xi
         return x
 
-    def sample(self, denoise, cond, pred, generators=None, lam=1.0, sigma=0.0, perturb: bool = False,
-               trace=None) -> Tensor:
+    def sample(self, denoise, cond, pred, generators=None, lam=1.0, sigma=0.0, trace=None) -> Tensor:
+        # xi is drawn at every warm start, whatever the stall settings, so that (a) each row's random stream does
+        # not depend on the other rows of the batch and (b) the denoising noise is the same stream with the
+        # detector off and on: a detector that never fires changes nothing. (Drawing xi only when the detector
+        # could fire shifted all later noise.) The cost is one (H, A) randn per chunk.
         noise = randn(pred.shape, generators, pred.device)
-        xi = randn(pred.shape, generators, pred.device) if perturb else None
+        xi = randn(pred.shape, generators, pred.device)
         return self.sampler.run(denoise, cond, self.initial(pred, noise, lam, sigma, xi), trace)
 
 

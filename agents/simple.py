@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
+from agents.sb3 import PredictMixin
 
-class RandomAgent:
+
+class RandomAgent(PredictMixin):  # + stable-baselines3's predict() (agents/sb3.py)
     def __init__(self, action_space: spaces.Box, seed: int = 0, batch_size: int | None = None):
         self.action_space = action_space
         self.batch_size = batch_size

@@ -21,35 +21,44 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agents.bench import success_cell
+from agents.config_files import option, validate_fields
 from agents.factory import make_agent
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
+from step_envs.seeds import EVAL_SEEDS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StallSweepConfig:
     task: str = "so101-pickplace-sim"
-    checkpoint: str = "runs/so101_pp"
-    method: str = "step:2"
+    checkpoint: str = option(help="policy checkpoint with a predictor in <ckpt>/predictor")
+    method: str = option("step:2", help="a STEP spec, e.g. step:2")
     sigmas: tuple[float, ...] = (0.2, 0.5, 1.0, 1.4, 2.0)
     lam_stall: float = 1.0  # predictor retention while stalled
     eps: float = 0.01  # stall threshold (normalised units)
-    episodes: int = 20
-    seed_start: int = 0
-    num_envs: int = 20
+    episodes: int = option(20, min=1)
+    seed_start: int = EVAL_SEEDS.start
+    num_envs: int = option(20, min=1)
     out: str = "results/stall_sweep"
-    max_steps: int | None = None  # cap episodes below the task horizon (smoke runs only)
-    env_kwargs: dict = field(default_factory=dict)  # e.g. {"servo": "lerobot"} for the SO-101 twin
-    freeze_tol: float = 0.05  # agent_pos change per step below which the robot counts as not moving
-    freeze_steps: int = 30  # consecutive unmoving steps that make a freeze
-    threads: int = 1  # torch threads
+    max_steps: int | None = option(None, min=1, help="cap episodes (smoke runs; not for reports)")
+    env_kwargs: dict = option(default_factory=dict, help='env keyword arguments as JSON, e.g. '
+                                                         '\'{"servo": "lerobot", "dead_band_deg": 1.0}\'')
+    freeze_tol: float = option(0.05, help="agent_pos change per step below which the robot counts as frozen "
+                                          "(env units)")
+    freeze_steps: int = option(30, min=1, help="steps without motion that make a freeze")
+    threads: int = option(1, min=1, help="torch threads")
     progress: bool = True
+
+    def __post_init__(self):
+        validate_fields(self)
+        if not self.method.startswith("step"):
+            raise ValueError("--method must be a STEP spec (the perturbation belongs to STEP's warm start)")
 
 
 class StallRecorder:
@@ -187,7 +196,8 @@ def markdown_table(report: dict) -> str:
              "Wilson interval.", "",
              f"frozen: agent_pos unchanged (< {cfg['freeze_tol']:g} per step) for >= "
              f"{cfg['freeze_steps']} steps; stuck at end: failed and frozen over the last "
-             f"{cfg['freeze_steps']} steps; time frozen: steps with no motion / all steps; fired: replans flagged as stalled; delta: the detector's "
+             f"{cfg['freeze_steps']} steps; time frozen: steps with no motion / all steps; fired: replans flagged as "
+             "stalled; delta: the detector's "
              "chunk delta (median over all replans / over replans where the robot had not moved for one chunk).",
              "",
              "| perturbation sigma (when stalled) | success | mean episode time (s) | frozen | stuck at end "

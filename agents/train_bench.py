@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
 from agents.compute import available_cores, cpu_has_bf16, resolve_precision, resolve_threads, use_channels_last
-from agents.config_files import build_config
+from agents.config_files import build_config, option, validate_fields
 from agents.training import TrainPolicyConfig, WindowBank, fit_normalizer, load_frames, make_optimizer, optimizer_step
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
@@ -33,18 +33,23 @@ DEFAULT_PRESET = {"state": "state", "pixels": "pusht_image"}
 @dataclass
 class TrainBenchConfig:
     task: str = "pusht"
-    obs_type: str = "state"  # state | pixels
-    preset: str | None = None  # default: "state" or the image preset
-    precisions: tuple[str, ...] = ("fp32", "bf16")
-    threads: tuple[int, ...] = (1, 0)  # 0: every core
-    batch_sizes: tuple[int, ...] = (64, 256)
-    steps: int = 8  # timed steps per setting
-    warmup: int = 2  # untimed steps first (oneDNN picks its kernels on the first calls)
-    dataset: str | None = None  # real windows from a LeRobotDataset instead of synthetic batches
-    config: str | None = None  # the training config whose setting is marked (default configs/<task>_<obs>_policy.yaml)
-    channels_last: bool = False  # NHWC image encoder (see agents/compute.py)
+    obs_type: str = option("state", choices=("state", "pixels"))
+    preset: str | None = option(None, help="backbone preset (default: state, or pusht_image for pixels)")
+    precisions: tuple[str, ...] = option(("fp32", "bf16"), help="comma list of fp32,bf16")
+    threads: tuple[int, ...] = option((1, 0), help="comma list; 0 = every core")
+    batch_sizes: tuple[int, ...] = option((64, 256), help="comma list")
+    steps: int = option(8, min=1, help="timed optimizer steps per setting")
+    # untimed steps first (oneDNN picks its kernels on the first calls)
+    warmup: int = option(2, min=0, help="untimed steps before timing each setting")
+    dataset: str | None = option(None, help="time on real windows of this dataset (default: synthetic)")
+    config: str | None = option(None, help="training config to mark (default configs/<task>_<obs>_policy.yaml)")
+    channels_last: bool = option(False, help="image encoder in NHWC memory format (see agents/compute.py)")
     seed: int = 0
+    json: str | None = option(None, help="write JSON here, with .md and .png beside it")
     progress: bool = True
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def _task_features(task: str, obs_type: str) -> FeatureSpec:

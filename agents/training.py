@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
-from agents.compute import autocast, resolve_precision, resolve_threads, use_channels_last
 from agents.checkpoint import (
     flatten_optimizer,
     load_policy,
@@ -34,7 +33,8 @@ from agents.checkpoint import (
     training_state_files,
     unflatten_optimizer,
 )
-from agents.config_files import check_minimums
+from agents.compute import autocast, resolve_precision, resolve_threads, use_channels_last
+from agents.config_files import option, validate_fields
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
 from step_envs.safe_io import atomic_write, commit_files, fault_point, folder_lock
@@ -179,32 +179,50 @@ def fit_normalizer(backbone: Backbone, data: FrameData) -> None:
 # ---------------------------------------------------------------- train-policy
 @dataclass
 class TrainPolicyConfig:
-    dataset: str
-    out: str
+    dataset: str = option(help="LeRobotDataset root or `step collect` folder")
+    out: str = option(help="checkpoint folder (resumes if it holds a run)")
     task: str = "pusht"
-    preset: str = "pusht_state"
-    obs_type: str = "state"  # "state": agent_pos + environment_state; "pixels": agent_pos + images
-    steps: int = 20000
-    stop_at: int | None = None  # end this invocation at this step (saved); a later run resumes towards `steps`
-    batch_size: int = 256  # fills both cores: ~2.5x the samples/s of batch 64 on one thread (step train-bench)
+    preset: str = option("pusht_state", choices=PRESETS, help="backbone size (agents/backbone.py PRESETS)")
+    # "state": agent_pos + environment_state; "pixels": agent_pos + images
+    obs_type: str = option("state", choices=("state", "pixels"))
+    steps: int = option(20000, min=1)
+    stop_at: int | None = option(None, min=1, help="stop (and save) at this step; rerun to resume towards --steps")
+    # fills both cores: ~2.5x the samples/s of batch 64 on one thread (step train-bench)
+    batch_size: int = option(256, min=1)
     lr: float = 5e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
-    warmup_steps: int = 500
+    warmup_steps: int = option(500, min=0)
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
-    log_every: int = 50
-    save_every: int = 1000
-    eval_every: int = 5000  # 0 disables the periodic rollout score
-    eval_episodes: int = 5
+    log_every: int = option(50, min=1)
+    save_every: int = option(1000, min=1)
+    eval_every: int = option(5000, min=0, help="0: no periodic rollouts")
+    eval_episodes: int = option(5, min=1)
     eval_method: str = "ddim:8"
     eval_seed_start: int = TRAIN_EVAL_SEEDS.start  # a block step collect refuses (step_envs/seeds.py)
     eval_max_steps: int | None = None
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0: every core (right when the run is alone on the machine)
-    precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 for image encoders where the CPU has it (agents/compute.py)
+    # 0: every core (right when the run is alone on the machine)
+    threads: int = option(0, min=0, help="torch CPU threads (0: every core)")
+    precision: str = option("auto", help="auto | bf16 | fp32 (auto: bf16 for image encoders on a CPU with native "
+                                         "bf16, agents/compute.py)")
     channels_last: bool = False  # NHWC image encoder; measured slower here (agents/compute.py)
+    # Per-position noise levels for the streaming baselines (agents/per_position.py): chunk (Diffusion Policy) |
+    # sdp | rnrdp | streaming (one backbone for both sdp and rnrdp). Recorded in config.json; sdp / rnrdp refuse
+    # a backbone trained without.
+    noise_mode: str = option("chunk", help="chunk | sdp | rnrdp | streaming: per-position noise levels for sdp / "
+                                           "rnrdp (agents/per_position.py)")
+    stream_chunk: int = 5  # SDP's chunk length (authors' DDIM lowdim config for horizon 16)
+    mixture_linear_prob: float = 0.5  # RNR-DP's mixture: share of linear (ladder) schedules, the rest random
+    # Start from another policy checkpoint's weights and normaliser (same preset and features), e.g. to fine-tune a
+    # streaming backbone from the task's DDPM backbone instead of training it from scratch.
+    init_from: str | None = option(None, help="start from this policy checkpoint's weights (e.g. fine-tune a "
+                                              "streaming backbone from the DDPM one)")
     progress: bool = True
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def _make_ema(model: torch.nn.Module, cfg: TrainPolicyConfig):
@@ -249,10 +267,18 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
-def policy_step_loss(backbone: Backbone, obs: dict, action: torch.Tensor, pad: torch.Tensor, precision: str) -> torch.Tensor:
-    """The diffusion loss of one batch, its forward pass in ``precision`` (weights stay fp32)."""
+def policy_step_loss(backbone: Backbone, obs: dict, action: torch.Tensor, pad: torch.Tensor, precision: str,
+                     noise=None) -> torch.Tensor:
+    """The diffusion loss of one batch, its forward pass in ``precision`` (weights stay fp32).
+
+    ``noise``: None (one timestep per sample) or a callable ``batch -> (B, H) timesteps`` (per-position noise)."""
     with autocast(precision):
-        loss = backbone.loss(obs, action, pad)
+        if noise is None:
+            loss = backbone.loss(obs, action, pad)
+        else:
+            from agents.per_position import per_position_loss
+
+            loss = per_position_loss(backbone, obs, action, pad, noise(action.shape[0]))
     return loss.float()
 
 
@@ -266,9 +292,9 @@ def make_optimizer(backbone: Backbone, cfg: TrainPolicyConfig):
 
 
 def optimizer_step(backbone: Backbone, optimizer, lr_schedule, ema, obs: dict, action: torch.Tensor,
-                   pad: torch.Tensor, precision: str) -> float:
+                   pad: torch.Tensor, precision: str, noise=None) -> float:
     """One training step (the unit ``step train-bench`` times); returns the batch loss."""
-    loss = policy_step_loss(backbone, obs, action, pad, precision)
+    loss = policy_step_loss(backbone, obs, action, pad, precision, noise)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(backbone.model.parameters(), 10.0)
@@ -276,6 +302,44 @@ def optimizer_step(backbone: Backbone, optimizer, lr_schedule, ema, obs: dict, a
     lr_schedule.step()
     ema.step(backbone.parameters())
     return float(loss.detach())
+
+
+def _noise_setup(backbone: Backbone, cfg: TrainPolicyConfig):
+    """``init_from`` weights, the per-position encoder and the noise sampler of ``cfg.noise_mode``.
+
+    Returns (noise sampler or None, the fields recorded in config.json)."""
+    from agents.per_position import NOISE_MODES, chunk_indices, enable_per_position, training_levels
+
+    if cfg.noise_mode not in NOISE_MODES:
+        raise ValueError(f"--noise-mode must be one of {', '.join(NOISE_MODES)}, got {cfg.noise_mode!r}.")
+    if not 0.0 <= cfg.mixture_linear_prob <= 1.0:
+        raise ValueError(f"--mixture-linear-prob must lie in [0, 1], got {cfg.mixture_linear_prob}.")
+    per_position = cfg.noise_mode != "chunk"
+    if per_position:
+        chunk_indices(backbone.cfg.horizon, backbone.cfg.n_obs_steps, cfg.stream_chunk)  # a clear error if too long
+    if cfg.init_from:
+        source, config = load_policy(cfg.init_from)
+        if dataclasses.asdict(source.cfg) != dataclasses.asdict(backbone.cfg) or \
+                dataclasses.asdict(source.features) != dataclasses.asdict(backbone.features):
+            raise ValueError(f"--init-from {cfg.init_from} has another preset or other features than this run "
+                             f"(preset {config.get('preset')!r}, features {dataclasses.asdict(source.features)}).")
+        if per_position:
+            enable_per_position(source)
+            enable_per_position(backbone)
+        missing, _ = backbone.load_state_dict(source.state_dict(), strict=False)
+        if any(not k.endswith((".mix.weight", ".mix.bias")) for k in missing):
+            raise ValueError(f"--init-from {cfg.init_from}: weights {missing} are missing.")
+    elif per_position:
+        enable_per_position(backbone)
+    record = {"noise_mode": cfg.noise_mode, "per_position_timesteps": per_position}
+    if per_position:
+        record.update(stream_chunk=cfg.stream_chunk, mixture_linear_prob=cfg.mixture_linear_prob)
+    if cfg.init_from:
+        record["init_from"] = str(Path(cfg.init_from).resolve())
+    if not per_position:
+        return None, record
+    return (lambda batch: training_levels(cfg.noise_mode, batch, backbone.cfg, cfg.stream_chunk,
+                                          cfg.mixture_linear_prob)), record
 
 
 def _numpy_rng_state() -> tuple[torch.Tensor, list]:
@@ -296,9 +360,7 @@ def train_policy(cfg: TrainPolicyConfig) -> dict:
     set (``step_envs.safe_io.commit_files``); a resumed run drops the log records past the saved step and keeps
     counting wall time. One process at a time per ``--out`` (``folder_lock``).
     """
-    check_minimums(cfg, steps=1, batch_size=1, warmup_steps=0, log_every=1, save_every=1, eval_every=0,
-                   eval_episodes=1, stop_at=1, threads=0)
-    with folder_lock(cfg.out, "train-policy"):
+    with folder_lock(cfg.out, "train-policy"):  # the fields were checked when cfg was made (__post_init__)
         return _train_policy(cfg)
 
 
@@ -323,6 +385,7 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     policy_cfg = PRESETS[cfg.preset]
     backbone = Backbone(policy_cfg, features)
     fit_normalizer(backbone, data)
+    noise, noise_record = _noise_setup(backbone, cfg)  # may load init_from's weights and normaliser
     if data.images and cfg.channels_last:
         use_channels_last(backbone.model)
     bank = WindowBank.for_policy(data, policy_cfg)
@@ -362,7 +425,8 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
 
     def save() -> None:
         averaged = _ema_backbone(backbone, ema)
-        files = policy_files(averaged, cfg.task, cfg.obs_type, extra={"train_step": step, "preset": cfg.preset})
+        files = policy_files(averaged, cfg.task, cfg.obs_type,
+                             extra={"train_step": step, "preset": cfg.preset, **noise_record})
         tensors = {f"model.{k}": v for k, v in backbone.state_dict().items()}
         opt_tensors, opt_meta = flatten_optimizer(optimizer)
         tensors.update(opt_tensors)
@@ -385,7 +449,7 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     while step < end:
         obs, action, pad = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=generator))
-        loss = optimizer_step(backbone, optimizer, lr_schedule, ema, obs, action, pad, precision)
+        loss = optimizer_step(backbone, optimizer, lr_schedule, ema, obs, action, pad, precision, noise)
         step += 1
         losses.append(loss)
         bar.update(1)
@@ -412,23 +476,30 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
 # ---------------------------------------------------------------- train-predictor
 @dataclass
 class TrainPredictorConfig:
-    policy: str
-    dataset: str
-    out: str | None = None  # default: <policy>/predictor
-    steps: int = 4000
-    batch_size: int = 256
+    policy: str = option(help="policy checkpoint (step train-policy --out)")
+    dataset: str = option(help="LeRobotDataset root or `step collect` folder")
+    out: str | None = option(None, help="predictor folder (default <policy>/predictor)")
+    steps: int = option(4000, min=1)
+    batch_size: int = option(256, min=1)
     lr: float = 3e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = 200
-    val_fraction: float = 0.1  # held-out episodes for the reported metrics
-    prev_dropout: float = 0.15
-    prev_source: str = "dataset"  # "dataset": action window Ta earlier; "policy": backbone's DDIM chunk there
-    prev_policy_steps: int = 10  # DDIM steps for prev_source="policy"
-    ablation: bool = True  # also train the spatial-only predictor and report it
+    warmup_steps: int = option(200, min=0)
+    val_fraction: float = option(0.1, help="held-out episodes for the reported metrics, in [0, 1)")
+    # training: probability of hiding the previous chunk (the predictor's first-call mode)
+    prev_dropout: float = PredictorConfig.prev_dropout
+    prev_source: str = option("dataset", choices=("dataset", "policy"),
+                              help="previous chunk: 'dataset' (demo window Ta steps earlier) or 'policy' "
+                                   "(backbone's own DDIM chunk there)")
+    prev_policy_steps: int = option(10, min=1, help="DDIM steps for --prev-source policy")
+    ablation: bool = option(True, help="skip the spatial-only predictor (trained by default and reported)")
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0: every core
-    precision: str = "auto"  # auto | bf16 | fp32 for the predictor's forward pass; auto: fp32 (a 0.4 M model gains nothing)
+    threads: int = option(0, min=0, help="torch CPU threads (0: every core)")
+    precision: str = option("auto", help="auto | bf16 | fp32 for the predictor's forward pass (auto: fp32, a 0.4 M "
+                                         "model gains nothing)")
     progress: bool = True
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def mare(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -468,9 +539,9 @@ def build_predictor_pairs(backbone: Backbone, data: FrameData, index: torch.Tens
         for s in range(0, len(index), batch):
             i, e = index[s : s + batch], earlier[s : s + batch]
             conds.append(backbone.global_cond(windows.obs(i)))
-            targets.append(backbone.normalizer.action(windows.action(i)[0]))
+            targets.append(backbone.normalize_action(windows.action(i)[0]))
             if sampler is None:
-                prevs.append(backbone.normalizer.action(windows.action(e)[0]))
+                prevs.append(backbone.normalize_action(windows.action(e)[0]))
             else:
                 noise = torch.randn((len(e), *backbone.action_shape), generator=gen)
                 prevs.append(sampler.run(backbone.denoise, backbone.global_cond(windows.obs(e)), noise))
@@ -506,7 +577,7 @@ def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str
     """MSE (normalised) and MARE (raw units) on held-out pairs that have a previous chunk."""
     mask = val.has_prev
     target = val.target[mask]
-    raw_target = backbone.normalizer.unnormalize_action(target)
+    raw_target = backbone.unnormalize_action(target)
     results = {}
     with torch.inference_mode():
         for name, model in models.items():
@@ -516,23 +587,20 @@ def evaluate_predictors(backbone: Backbone, val: PredictorData, models: dict[str
                 pred = model(val.cond[mask], val.prev[mask])
             results[name] = {
                 "mse": float(torch.nn.functional.mse_loss(pred, target)),
-                "mare": mare(backbone.normalizer.unnormalize_action(pred), raw_target),
+                "mare": mare(backbone.unnormalize_action(pred), raw_target),
             }
         if "predictor" in models and models["predictor"] is not None:  # first-call mode
             pred = models["predictor"](val.cond[mask], None)
             results["predictor_no_history"] = {
                 "mse": float(torch.nn.functional.mse_loss(pred, target)),
-                "mare": mare(backbone.normalizer.unnormalize_action(pred), raw_target),
+                "mare": mare(backbone.unnormalize_action(pred), raw_target),
             }
     results["pairs"] = int(mask.sum())
     return results
 
 
 def train_predictor(cfg: TrainPredictorConfig) -> dict:
-    if cfg.prev_source not in ("dataset", "policy"):
-        raise ValueError("prev_source must be 'dataset' or 'policy'")
-    check_minimums(cfg, steps=1, batch_size=1, warmup_steps=0, prev_policy_steps=1, threads=0)
-    if not 0 <= cfg.val_fraction < 1:
+    if not 0 <= cfg.val_fraction < 1:  # the other fields were checked when cfg was made (__post_init__)
         raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}.")
     with folder_lock(cfg.out or Path(cfg.policy) / "predictor", "train-predictor"):
         return _train_predictor(cfg)
@@ -557,9 +625,9 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     train = build_predictor_pairs(backbone, data, sample_indices(data, drop, train_eps), cfg)
     val = build_predictor_pairs(backbone, data, sample_indices(data, drop, val_eps or train_eps), cfg)
 
-    base = dict(horizon=pc.horizon, action_dim=backbone.features.action_dim, n_obs_steps=pc.n_obs_steps,
-                cond_dim=train.cond.shape[1], shift=pc.n_action_steps, prev_dropout=cfg.prev_dropout)
-    model = Predictor(PredictorConfig(**base))
+    base = PredictorConfig.for_policy(pc, backbone.features.action_dim, train.cond.shape[1],
+                                      prev_dropout=cfg.prev_dropout)
+    model = Predictor(base)
     _fit_predictor(model, train, cfg, "train-predictor")
     params = sum(p.numel() for p in model.parameters())
     extra = {"policy_checkpoint": str(Path(cfg.policy).resolve()), "parameters": params,
@@ -568,7 +636,7 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     save_predictor(out, model, backbone, extra=extra)
     models: dict[str, Predictor | None] = {"predictor": model, "temporal_only": None}
     if cfg.ablation:
-        spatial = Predictor(PredictorConfig(**{**base, "use_prev": False, "prev_dropout": 0.0}))
+        spatial = Predictor(dataclasses.replace(base, use_prev=False, prev_dropout=0.0))
         _fit_predictor(spatial, train, cfg, "spatial-only ablation")
         models["spatial_only"] = spatial
     metrics = evaluate_predictors(backbone, val, models)

@@ -44,16 +44,15 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from hardware import DEFAULT_ROBOT_ID
 from hardware.safety import SafetyConfig, SafetyGuard, safety_config
 from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, TASK_NAMES, TOP_CAMERA, SO101Twin, TwinConfig, servo_settings
 from step_envs.contract import build_observation_space, check_obs_type, validate_action, wants_pixels, wants_state
 
 FPS = 30
-MAX_EPISODE_STEPS = 450
 IMAGE_SIZE = (96, 96)
 ROBOTS = ("twin", "real")
 ENV_STATE_DIM = 14
-DEFAULT_ROBOT_ID = "step_so101"  # LeRobot calibration file name: <calibration_dir>/<id>.json
 
 
 class ArmNotFoundError(RuntimeError):

@@ -52,10 +52,9 @@ These are a servo of the same model on a test bench, not measurements of an SO-1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import os
 
 # Off-screen rendering without a display: EGL (set MUJOCO_GL=osmesa to override) before mujoco loads GL.
 os.environ.setdefault("MUJOCO_GL", "egl")

@@ -29,24 +29,31 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from agents.config_files import check_minimums
+from agents.config_files import option, validate_fields
+from step_envs.contract import OBS_TYPES
 from step_envs.dataset import LEROBOT_SUBDIR, frame_from_obs, lerobot_features, replace_dataset
 from step_envs.registry import get_task
 from step_envs.safe_io import atomic_write, folder_lock
 from step_envs.seeds import DEMO_SEEDS, check_demo_seeds
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CollectConfig:
     task: str = "pusht"
-    agent: str = "expert"  # any make_agent spec; "random" makes quick test data
-    episodes: int = 200  # good episodes wanted
-    out: str = "data/pusht"
-    obs_type: str = "pixels_state"  # store state and images: one dataset serves both policies
-    workers: int = 2
+    agent: str = option("expert", help="any make_agent spec: expert (default) or random (quick test data)")
+    episodes: int = option(200, min=1, help="good episodes to keep")
+    out: str = option(help="output folder (raw/ episode cache + lerobot/ dataset)")
+    # store state and images: one dataset serves both policies
+    obs_type: str = option("pixels_state", choices=OBS_TYPES)
+    workers: int = option(2, min=1)
     seed_start: int = DEMO_SEEDS.start  # never an evaluation seed: see step_envs/seeds.py
-    max_seeds: int = 5_000  # give up after this many attempts
-    min_max_reward: float = 0.9  # keep an episode whose best reward reaches this (Push-T: coverage/0.95)
+    max_seeds: int = option(5_000, min=1, help="give up after this many attempts")
+    # Push-T's reward is coverage / 0.95 clipped to 1 (gym-pusht), so 0.9 keeps episodes whose best coverage
+    # reaches 0.855; the RoboMimic and SO-101 rewards are 0/1 (success).
+    min_max_reward: float = option(0.9, help="keep an episode whose best reward reaches this (Push-T: coverage 0.855)")
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def _raw_dir(out: str | Path) -> Path:
@@ -57,28 +64,23 @@ def run_expert_episode(task: str, obs_type: str, seed: int, agent: str = "expert
     """One episode of a scripted agent; returns per-frame arrays (LeRobot keys) and its summary."""
     from agents.factory import make_agent
     from step_envs.registry import make_env
+    from step_envs.rollout import rollout
 
     env = make_env(task, obs_type=obs_type)
     expert = make_agent(agent, env, task=task, seed=seed)
-    obs, info = env.reset(seed=seed)
-    expert.reset()
-    frames, rewards, success = [], [], False
+    frames = []
     t0 = time.perf_counter()
-    while True:
-        action = expert.act(obs)
-        frames.append(frame_from_obs(obs, action))
-        obs, reward, terminated, truncated, info = env.step(action)
-        rewards.append(reward)
-        success |= bool(info["is_success"])
-        if terminated or truncated:
-            break
-    env.close()
+    try:
+        (result,) = rollout(env, expert, [seed], progress=False,
+                            step_hook=lambda obs, action: frames.append(frame_from_obs(obs, action)))
+    finally:
+        env.close()
     episode = {key: np.stack([f[key] for f in frames]) for key in frames[0]}
     summary = {
         "seed": seed,
-        "success": success,
-        "max_reward": float(max(rewards)),
-        "length": len(frames),
+        "success": result.success,
+        "max_reward": result.max_reward,
+        "length": result.length,
         "seconds": time.perf_counter() - t0,
     }
     return {"episode": episode, "summary": summary}
@@ -179,8 +181,7 @@ def _check_folder(cfg: CollectConfig) -> None:
 
 
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
-    get_task(cfg.task)  # fail fast on an unknown task
-    check_minimums(cfg, episodes=1, workers=1, max_seeds=1)
+    get_task(cfg.task)  # fail fast on an unknown task (the numbers were checked when cfg was made)
     check_demo_seeds(cfg.seed_start, cfg.max_seeds)  # before anything is written
     with folder_lock(cfg.out, "collect"):
         _check_folder(cfg)

@@ -14,7 +14,11 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from step_envs.registry import OBS_TYPES
+# The observation keys (LeRobot's gym conventions) and the variants that pick among them, defined here only.
+AGENT_POS = "agent_pos"
+ENVIRONMENT_STATE = "environment_state"
+PIXELS = "pixels"
+OBS_TYPES = ("state", "pixels", "pixels_state")
 
 
 def check_obs_type(obs_type: str) -> str:
@@ -39,11 +43,11 @@ def build_observation_space(
 ) -> spaces.Dict:
     """Dict space of the contract; ``agent_pos`` is always present (images need proprioception too)."""
     check_obs_type(obs_type)
-    entries: dict[str, spaces.Space] = {"agent_pos": agent_pos}
+    entries: dict[str, spaces.Space] = {AGENT_POS: agent_pos}
     if wants_state(obs_type) and environment_state is not None:
-        entries["environment_state"] = environment_state
+        entries[ENVIRONMENT_STATE] = environment_state
     if wants_pixels(obs_type):
-        entries["pixels"] = spaces.Dict(
+        entries[PIXELS] = spaces.Dict(
             {
                 name: spaces.Box(0, 255, shape=(h, w, 3), dtype=np.uint8)
                 for name, (h, w) in cameras.items()

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from step_envs.contract import AGENT_POS, ENVIRONMENT_STATE, PIXELS
+
 # Nothing may be fetched at run time: LeRobot must read local roots only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# LeRobot dataset keys of the env observation keys (step_envs/contract.py)
 STATE_KEY = "observation.state"
 ENV_STATE_KEY = "observation.environment_state"
 IMAGE_PREFIX = "observation.images."
@@ -26,17 +29,17 @@ LEROBOT_SUBDIR = "lerobot"  # inside a `step collect --out DIR` folder
 def lerobot_features(obs_space, action_space, use_videos: bool = True) -> dict:
     """LeRobot feature spec for an env's Dict observation space and Box action space."""
     features = {
-        STATE_KEY: {"dtype": "float32", "shape": obs_space["agent_pos"].shape, "names": None},
+        STATE_KEY: {"dtype": "float32", "shape": obs_space[AGENT_POS].shape, "names": None},
         ACTION_KEY: {"dtype": "float32", "shape": action_space.shape, "names": None},
     }
-    if "environment_state" in obs_space.spaces:
+    if ENVIRONMENT_STATE in obs_space.spaces:
         features[ENV_STATE_KEY] = {
             "dtype": "float32",
-            "shape": obs_space["environment_state"].shape,
+            "shape": obs_space[ENVIRONMENT_STATE].shape,
             "names": None,
         }
-    if "pixels" in obs_space.spaces:
-        for cam, space in obs_space["pixels"].spaces.items():
+    if PIXELS in obs_space.spaces:
+        for cam, space in obs_space[PIXELS].spaces.items():
             features[IMAGE_PREFIX + cam] = {
                 "dtype": "video" if use_videos else "image",
                 "shape": space.shape,
@@ -47,10 +50,10 @@ def lerobot_features(obs_space, action_space, use_videos: bool = True) -> dict:
 
 def frame_from_obs(obs: dict, action: np.ndarray) -> dict:
     """One LeRobot frame (without 'task') from an env observation and the action taken after it."""
-    frame = {STATE_KEY: np.asarray(obs["agent_pos"], dtype=np.float32), ACTION_KEY: np.asarray(action, np.float32)}
-    if "environment_state" in obs:
-        frame[ENV_STATE_KEY] = np.asarray(obs["environment_state"], dtype=np.float32)
-    for cam, image in obs.get("pixels", {}).items():
+    frame = {STATE_KEY: np.asarray(obs[AGENT_POS], dtype=np.float32), ACTION_KEY: np.asarray(action, np.float32)}
+    if ENVIRONMENT_STATE in obs:
+        frame[ENV_STATE_KEY] = np.asarray(obs[ENVIRONMENT_STATE], dtype=np.float32)
+    for cam, image in obs.get(PIXELS, {}).items():
         frame[IMAGE_PREFIX + cam] = np.asarray(image, dtype=np.uint8)
     return frame
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import gymnasium as gym
 
-OBS_TYPES = ("state", "pixels", "pixels_state")
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -20,90 +18,34 @@ class TaskSpec:
     kwargs: dict = field(default_factory=dict)
 
 
-TASKS: dict[str, TaskSpec] = {
-    "pusht": TaskSpec(
-        name="pusht",
-        env_id="step/PushT-v0",
-        entry_point="step_envs.pusht:PushTEnv",
-        max_episode_steps=300,
-        fps=10,
-    ),
-    "lift": TaskSpec(
-        name="lift",
-        env_id="step/Lift-v0",
-        entry_point="step_envs.robomimic:RoboMimicEnv",
-        max_episode_steps=400,
-        fps=20,
-        kwargs={"task": "Lift"},
-    ),
-    "can": TaskSpec(
-        name="can",
-        env_id="step/Can-v0",
-        entry_point="step_envs.robomimic:RoboMimicEnv",
-        max_episode_steps=400,
-        fps=20,
-        kwargs={"task": "Can"},
-    ),
-    "square": TaskSpec(
-        name="square",
-        env_id="step/Square-v0",
-        entry_point="step_envs.robomimic:RoboMimicEnv",
-        max_episode_steps=400,
-        fps=20,
-        kwargs={"task": "Square"},
-    ),
-    "transport": TaskSpec(
-        name="transport",
-        env_id="step/Transport-v0",
-        entry_point="step_envs.robomimic:RoboMimicEnv",
-        max_episode_steps=700,
-        fps=20,
-        kwargs={"task": "Transport"},
-    ),
-    "toolhang": TaskSpec(
-        name="toolhang",
-        env_id="step/ToolHang-v0",
-        entry_point="step_envs.robomimic:RoboMimicEnv",
-        max_episode_steps=700,
-        fps=20,
-        kwargs={"task": "ToolHang"},
-    ),
-    # SO-ARM101 (hardware/so101_env.py): 30 Hz like LeRobot recording, 450 steps = 15 s per episode.
-    "so101-pickplace-sim": TaskSpec(
-        name="so101-pickplace-sim",
-        env_id="step/SO101-PickPlace-Sim-v0",
-        entry_point="hardware.so101_env:SO101Env",
-        max_episode_steps=450,
-        fps=30,
-        kwargs={"task": "pickplace", "robot": "twin"},
-    ),
-    "so101-stackcube-sim": TaskSpec(
-        name="so101-stackcube-sim",
-        env_id="step/SO101-StackCube-Sim-v0",
-        entry_point="hardware.so101_env:SO101Env",
-        max_episode_steps=450,
-        fps=30,
-        kwargs={"task": "stackcube", "robot": "twin"},
-    ),
-    "so101-pickplace": TaskSpec(
-        name="so101-pickplace",
-        env_id="step/SO101-PickPlace-v0",
-        entry_point="hardware.so101_env:SO101Env",
-        max_episode_steps=450,
-        fps=30,
-        real_hardware=True,
-        kwargs={"task": "pickplace", "robot": "real"},
-    ),
-    "so101-stackcube": TaskSpec(
-        name="so101-stackcube",
-        env_id="step/SO101-StackCube-v0",
-        entry_point="hardware.so101_env:SO101Env",
-        max_episode_steps=450,
-        fps=30,
-        real_hardware=True,
-        kwargs={"task": "stackcube", "robot": "real"},
-    ),
-}
+def _robomimic(name: str, suite_task: str, horizon: int) -> TaskSpec:
+    """A RoboMimic task on robosuite (step_envs/robomimic.py), 20 Hz."""
+    return TaskSpec(name=name, env_id=f"step/{suite_task}-v0", entry_point="step_envs.robomimic:RoboMimicEnv",
+                    max_episode_steps=horizon, fps=20, kwargs={"task": suite_task})
+
+
+def _so101(task: str, id_task: str, real: bool) -> TaskSpec:
+    """An SO-ARM101 task (hardware/so101_env.py): 30 Hz like LeRobot recording, 450 steps = 15 s per episode;
+    the real arm (``real``) or its MuJoCo twin (``-sim``)."""
+    return TaskSpec(name=f"so101-{task}" + ("" if real else "-sim"),
+                    env_id=f"step/SO101-{id_task}" + ("" if real else "-Sim") + "-v0",
+                    entry_point="hardware.so101_env:SO101Env", max_episode_steps=450, fps=30, real_hardware=real,
+                    kwargs={"task": task, "robot": "real" if real else "twin"})
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec(name="pusht", env_id="step/PushT-v0", entry_point="step_envs.pusht:PushTEnv", max_episode_steps=300,
+             fps=10),
+    _robomimic("lift", "Lift", 400),
+    _robomimic("can", "Can", 400),
+    _robomimic("square", "Square", 400),
+    _robomimic("transport", "Transport", 700),
+    _robomimic("toolhang", "ToolHang", 700),
+    _so101("pickplace", "PickPlace", real=False),
+    _so101("stackcube", "StackCube", real=False),
+    _so101("pickplace", "PickPlace", real=True),
+    _so101("stackcube", "StackCube", real=True),
+)}
 
 
 def register_all() -> None:

@@ -22,22 +22,34 @@ from pathlib import Path
 import numpy as np
 from gymnasium import spaces
 
-from step_envs.contract import build_observation_space, check_obs_type, wants_pixels, wants_state
-from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, LEROBOT_SUBDIR, STATE_KEY, lerobot_features, replace_dataset
+from agents.config_files import option, validate_fields
+from step_envs.contract import OBS_TYPES, build_observation_space, check_obs_type, wants_pixels, wants_state
+from step_envs.dataset import (
+    ACTION_KEY,
+    ENV_STATE_KEY,
+    IMAGE_PREFIX,
+    LEROBOT_SUBDIR,
+    STATE_KEY,
+    lerobot_features,
+    replace_dataset,
+)
 from step_envs.registry import get_task
-from step_envs.safe_io import atomic_write, folder_lock
 from step_envs.robomimic import ARM_ACTION_DIM, PROPRIO_KEYS, ROBOMIMIC_TASKS, TASK_BY_ROBOSUITE_ENV
+from step_envs.safe_io import atomic_write, folder_lock
 
 
 @dataclass
 class RoboMimicImportConfig:
-    hdf5: str  # a RoboMimic dataset file, e.g. lift/ph/low_dim_v141.hdf5
-    out: str  # output folder; the LeRobotDataset goes to OUT/lerobot
-    obs_type: str = "state"  # state, pixels or pixels_state (image variants need an image hdf5)
-    filter_key: str | None = None  # import only the demos listed in mask/<filter_key>, e.g. "train"
-    max_episodes: int | None = None  # the first N demos (in demo order), for quick tests
-    use_videos: bool = True  # images as videos (LeRobot's default) or as image files
-    overwrite: bool = False
+    hdf5: str = option(help="a RoboMimic dataset file (ph / mh, low_dim or image), e.g. lift/ph/low_dim_v141.hdf5")
+    out: str = option(help="output folder; the LeRobotDataset goes to OUT/lerobot")
+    obs_type: str = option("state", choices=OBS_TYPES, help="image variants need an image hdf5")
+    filter_key: str | None = option(None, help="import only the demos in mask/<key>, e.g. train")
+    max_episodes: int | None = option(None, min=1, help="the first N demos only (in demo order)")
+    use_videos: bool = option(True, flag="--no-videos", help="store images as image files, not videos")
+    overwrite: bool = option(False, help="replace an existing OUT/lerobot")
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def _demo_index(name: str) -> int:
@@ -150,8 +162,6 @@ def import_robomimic(cfg: RoboMimicImportConfig, progress: bool = True) -> dict:
     import h5py
 
     check_obs_type(cfg.obs_type)
-    if cfg.max_episodes is not None and cfg.max_episodes < 1:
-        raise ValueError(f"--max-episodes must be at least 1, got {cfg.max_episodes}")
     path = Path(cfg.hdf5)
     if not path.is_file():
         raise FileNotFoundError(f"No RoboMimic dataset at {path}")

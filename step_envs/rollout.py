@@ -3,6 +3,11 @@
 It needs nothing but the Gymnasium API (``reset(seed=...)``, ``step``, ``render``,
 ``info["is_success"]``) and an agent with ``reset()`` / ``act(obs)``. A gymnasium VectorEnv is run in
 waves of ``num_envs`` seeds, with one ``act`` call for the whole batch per step.
+
+Every episode loop of the project is this one: evaluation (``step eval``, ``step bench``), demonstration
+collection (``step collect``) and recording on the SO-101 (``step record``); the latter two see each step
+through ``step_hook(obs, action)`` (called before ``env.step(action)``, with the observation the action was
+chosen from), which is where they turn steps into dataset frames.
 """
 
 from __future__ import annotations
@@ -10,18 +15,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 from tqdm.auto import tqdm
 
-
-class Agent(Protocol):
-    def reset(self) -> None: ...
-
-    def act(self, obs: dict) -> np.ndarray: ...
+if TYPE_CHECKING:  # the contract lives with the agents; step_envs needs it for type hints only
+    from agents.protocol import Agent
 
 
 @dataclass
@@ -54,11 +56,13 @@ def rollout(
     num_videos: int = 0,
     progress: bool = True,
     max_steps: int | None = None,
+    step_hook: Callable[[dict, np.ndarray], None] | None = None,
 ) -> list[EpisodeResult]:
     """Run one seeded episode per seed and return per-episode results (in seed order).
 
     Videos of the first ``num_videos`` episodes go to ``video_dir/episode_<seed>.mp4``.
     ``max_steps`` caps an episode in addition to the env's own TimeLimit (useful for hardware dry runs).
+    ``step_hook(obs, action)``: called at every step before the env steps (batched arrays for a VectorEnv).
     """
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
@@ -74,14 +78,14 @@ def rollout(
         record = [start + i < num_videos for i in range(len(wave))]
         # A wave of many envs can take minutes: show its env step so the bar is never frozen.
         on_step = (lambda step: bar.set_postfix_str(f"wave step {step}", refresh=True)) if progress else None
-        results.extend(_run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step))
+        results.extend(_run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step, step_hook))
         bar.update(len(wave))
         bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
     bar.close()
     return results
 
 
-def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step=None):
+def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step=None, step_hook=None):
     n = len(wave)
     if is_vector:
         if n < env.num_envs:  # last wave: pad with extra seeds whose results are dropped
@@ -116,6 +120,8 @@ def _run_wave(env, agent, wave, is_vector, record, video_dir, max_steps, on_step
         t0 = time.perf_counter()
         action = agent.act(obs)
         agent_time += time.perf_counter() - t0
+        if step_hook is not None:
+            step_hook(obs, action)
         if isinstance(env, gym.vector.SyncVectorEnv):
             obs, reward, terminated, truncated, info = _step_active(env, action, active, obs)
         else:

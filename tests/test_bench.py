@@ -3,6 +3,9 @@
 import json
 
 from agents.cli import main
+from agents.factory import make_agent
+from step_envs.registry import make_env
+from step_envs.rollout import rollout, summarize
 
 
 def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
@@ -14,8 +17,18 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"]) for r in report["rows"]] == [("ddim", 2), ("step", 2), ("step-temporal", 2)]
     for row in report["rows"]:
-        assert row["episodes"] == 2 and 0.0 <= row["success_rate"] <= 1.0
+        assert row["episodes"] == 2 and row["seed_start"] == 0
         assert row["latency_ms"]["median"] > 0 and row["nfe_ms_median"] > 0
+    # The rows are the rollout loop's numbers on seeds 0-1, exactly: the same agent rolled out here agrees.
+    env = make_env("pusht", obs_type="state", num_envs=2)
+    try:
+        results = rollout(env, make_agent("ddim:2", env, task="pusht", checkpoint=str(tiny_checkpoint)), [0, 1],
+                          progress=False, max_steps=40)
+    finally:
+        env.close()
+    expected = summarize(results)
+    assert report["rows"][0]["success_rate"] == expected["success_rate"]
+    assert report["rows"][0]["mean_max_reward"] == expected["mean_max_reward"]
     table = (out / "results.md").read_text()
     assert "| STEP | 2 |" in table and "| DDIM | 2 |" in table
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,3 +37,20 @@ def test_bad_config_files(tmp_path):
         build_config(TrainPolicyConfig, None, dataset="d")
     with pytest.raises(FileNotFoundError):
         build_config(TrainPolicyConfig, tmp_path / "missing.yaml", dataset="d", out="o")
+
+
+def test_flags_and_yaml_override_the_same_fields(tmp_path):
+    """Flags are generated from the config dataclass; --config FILE and a flag set the same field, the flag wins."""
+    from agents.bench import BenchConfig
+    from agents.cli import build_parser
+    from agents.config_files import config_from_args
+
+    path = tmp_path / "bench.yaml"
+    path.write_text("methods: [ddim:2, step:2]\nepisodes: 7\nnum_envs: 3\n")
+    args = build_parser().parse_args(["bench", "--task", "lift", "--config", str(path), "--episodes", "9",
+                                      "--latency-only", "--no-progress"])
+    cfg = config_from_args(BenchConfig, args)
+    assert (cfg.methods, cfg.episodes, cfg.num_envs) == (("ddim:2", "step:2"), 9, 3)
+    assert cfg.latency_only and not cfg.progress and cfg.out == "results/lift"  # derived from the task
+    with pytest.raises(ValueError, match="--num-envs must be at least 1"):
+        BenchConfig(num_envs=0)

@@ -37,10 +37,28 @@ def test_cache_replans_every_8_steps(env, tiny_checkpoint, method):
     assert np.all(actions >= 0) and np.all(actions <= 512)
 
 
-def test_ddpm_agent(env, tiny_checkpoint):
-    agent = make_agent("ddpm", env, task="pusht", checkpoint=str(tiny_checkpoint))
-    assert agent.sampler.steps == 100
-    assert run_steps(env, agent, 0, 2).shape == (2, 2)
+def test_ddpm_agent_equals_diffusers_scheduler_chain(env, tiny_checkpoint):
+    """DDPM-100's first chunk and action are diffusers' DDPMScheduler run on the backbone with the agent's seed."""
+    from diffusers import DDPMScheduler
+
+    agent = make_agent("ddpm", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=3)
+    obs, _ = env.reset(seed=0)
+    agent.reset()
+    action = agent.act(obs)
+    backbone, schedule = agent.backbone, agent.backbone.cfg.schedule
+    reference = DDPMScheduler(**schedule.common_kwargs(), clip_sample=schedule.clip_sample,
+                              clip_sample_range=schedule.clip_sample_range, timestep_spacing=schedule.timestep_spacing)
+    reference.set_timesteps(100)
+    generator = torch.Generator().manual_seed(3)  # row 0's generator: the initial noise, then one draw per t > 0
+    with torch.inference_mode():
+        cond = backbone.global_cond(agent.history)
+        x = torch.randn((1, *backbone.action_shape), generator=generator)
+        for t in reference.timesteps:
+            x = reference.step(backbone.denoise(x, t.view(1), cond), t, x, generator=generator).prev_sample
+        expected = backbone.unnormalize_action(x[:, backbone.cfg.n_obs_steps - 1])[0].numpy()
+    assert len(reference.timesteps) == 100
+    assert torch.allclose(agent.last_chunk, x, atol=1e-4)
+    np.testing.assert_allclose(action, np.clip(expected, 0, 512), atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["ddim:2", "step:2"])
@@ -82,11 +100,21 @@ def test_step_first_call_noise_and_stall_options(env, tiny_checkpoint):
 
 def test_consistency_ablation_warm_sources(env, tiny_checkpoint):
     """Table 16's variants: temporal reuses the shifted previous chunk, spatial never sees it."""
-    from agents.predictor import shift_chunk
-
     temporal = make_agent("step-temporal:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
     assert temporal.predictor is None and temporal.cfg.warm_source == "temporal"
-    run_steps(env, temporal, 0, 9)  # first chunk from noise, second warm-started from the first
+    warm_starts, sample = [], temporal.warm.sample
+    temporal.warm.sample = lambda denoise, cond, pred, *a, **k: (warm_starts.append(pred), sample(denoise, cond, pred,
+                                                                                                  *a, **k))[1]
+    obs, _ = env.reset(seed=0)
+    temporal.reset()
+    first = None
+    for _ in range(9):  # first chunk from noise, second warm-started from the first
+        obs, *_ = env.step(temporal.act(obs))
+        first = temporal.prev_chunk.clone() if first is None else first
+    assert len(warm_starts) == 1
+    # the warm start is the first chunk moved 8 steps forward, its tail holding the last action
+    assert torch.equal(warm_starts[0][:, :8], first[:, 8:])
+    assert torch.equal(warm_starts[0][:, 8:], first[:, -1:].expand(-1, 8, -1))
     seen = []
     spatial = make_agent("step-spatial:2", env, task="pusht", checkpoint=str(tiny_checkpoint), trace_predictor=False)
     original = spatial.predictor.forward
@@ -98,7 +126,6 @@ def test_consistency_ablation_warm_sources(env, tiny_checkpoint):
     seen.clear()
     run_steps(env, step, 0, 9)
     assert seen[0] is None and seen[1] is not None
-    assert shift_chunk(seen[1], 8).shape == seen[1].shape
 
 
 def test_traced_predictor_matches_eager(env, tiny_checkpoint):

@@ -6,8 +6,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import step_envs
-from step_envs.contract import validate_observation
-from step_envs.registry import OBS_TYPES
+from step_envs.contract import OBS_TYPES, validate_observation
 
 SIM_TASKS = [spec for spec in step_envs.TASKS.values() if not spec.real_hardware]
 SIM_IDS = [spec.env_id for spec in SIM_TASKS]

@@ -363,6 +363,7 @@ def test_datasets_are_written_and_read_without_probing_torchcodec(monkeypatch, t
     dataset this library writes or reads names its video backend (pyav), so the probe never runs."""
     import lerobot.datasets.lerobot_dataset as lerobot_dataset
     from conftest import scripted_episodes
+
     from step_envs.dataset import lerobot_features, write_dataset
 
     def probe():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import step_envs  # noqa: F401  (registers the ids)
+from agents.experts import make_expert
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
-from step_envs.experts import make_expert
 from step_envs.registry import make_env
 from step_envs.robomimic_import import RoboMimicImportConfig, import_robomimic
 
@@ -93,7 +93,7 @@ def test_unknown_robomimic_task_is_clear():
 
 
 def test_no_expert_for_unknown_task():
-    from step_envs.experts.robomimic_experts import make_robomimic_expert
+    from agents.experts.robomimic import make_robomimic_expert
 
     with pytest.raises(ValueError, match="No scripted RoboMimic expert"):
         make_robomimic_expert("nosuch", None)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from gymnasium.wrappers import TimeLimit
 
-
-from agents.simple import RandomAgent
+from agents.factory import make_agent
 from step_envs import make_env
 from step_envs.rollout import rollout, summarize
 
@@ -30,7 +29,7 @@ class ChaseBlockAgent:
 
 def test_same_seed_same_trajectory():
     env = make_env("pusht")
-    first, second = RecordingAgent(RandomAgent(env.action_space, seed=5)), RecordingAgent(RandomAgent(env.action_space, seed=5))
+    first, second = RecordingAgent(make_agent("random", env, seed=5)), RecordingAgent(make_agent("random", env, seed=5))
     r1 = rollout(env, first, seeds=[7], progress=False)
     r2 = rollout(env, second, seeds=[7], progress=False)
     assert r1[0].length == r2[0].length == 300
@@ -61,19 +60,21 @@ def test_batched_matches_single():
 
 def test_videos_are_playable(tmp_path):
     env = make_env("pusht")
-    results = rollout(env, RandomAgent(env.action_space, seed=0), [3, 4], video_dir=tmp_path, num_videos=1,
+    results = rollout(env, make_agent("random", env, seed=0), [3, 4], video_dir=tmp_path, num_videos=1,
                       progress=False, max_steps=20)
     assert results[0].video is not None and results[1].video is None
     frames = imageio.mimread(results[0].video)
     assert len(frames) == results[0].length + 1  # the reset frame plus one per step
     assert frames[0].shape[2] == 3
     summary = summarize(results)
-    assert summary["episodes"] == 2 and 0.0 <= summary["mean_max_reward"] <= 1.0
+    assert summary["episodes"] == 2 and summary["mean_length"] == 20  # capped by max_steps
+    assert summary["mean_max_reward"] == (results[0].max_reward + results[1].max_reward) / 2
+    assert [e["seed"] for e in summary["per_episode"]] == [3, 4]
 
 
 def test_rollout_rejects_bad_arguments(tmp_path):
     env = make_env("pusht")
-    agent = RandomAgent(env.action_space)
+    agent = make_agent("random", env)
     with pytest.raises(ValueError, match="distinct"):
         rollout(env, agent, [1, 1], progress=False)
     with pytest.raises(ValueError, match="video_dir"):
@@ -98,3 +99,15 @@ def test_finished_envs_are_not_stepped_on():
     results = rollout(env, ChaseBlockAgent(), seeds=[3, 4], progress=False)
     assert [r.length for r in results] == [5, 20]
     assert [sub.steps for sub in env.envs] == [5, 20]
+
+
+def test_step_hook_sees_every_step_before_the_env_moves():
+    """collect and record build their dataset frames from this hook: one (obs, action) per step, in order."""
+    env = make_env("pusht")
+    agent = RecordingAgent(make_agent("random", env, seed=1))
+    seen = []
+    (result,) = rollout(env, agent, [2], progress=False, max_steps=15,
+                        step_hook=lambda obs, action: seen.append((obs["agent_pos"].copy(), action.copy())))
+    assert result.length == len(seen) == 15
+    np.testing.assert_array_equal(np.stack([o for o, _ in seen]), np.stack(agent.observations)[:, :2])
+    assert all(a.shape == (2,) for _, a in seen)

@@ -10,13 +10,13 @@ import time
 import gymnasium as gym
 import numpy as np
 import pytest
+from fake_feetech import FakeServoChain, patch_cameras, patch_feetech, write_calibration_file
 
 import step_envs
-from hardware.fake_feetech import FakeServoChain, patch_cameras, patch_feetech, write_calibration_file
+from agents.experts import make_expert
 from hardware.safety import SafetyConfig, SafetyGuard, UnsafeActionError
 from hardware.so101_env import ArmNotFoundError, CalibrationMissingError, SO101Env
 from hardware.so101_twin import HOME_DEG, MOTOR_KEYS, SO101Twin
-from step_envs.experts import make_expert
 
 PICK_SIM = "step/SO101-PickPlace-Sim-v0"
 STACK_SIM = "step/SO101-StackCube-Sim-v0"

@@ -35,7 +35,7 @@ def test_stall_statistics_counts_freezes_and_detector():
                       "replans": [(t, np.array([t >= 24, False]), np.array([0.0 if t >= 24 else 0.5, 0.5]))
                                   for t in range(8, 60, 8)]})
     results = [EpisodeResult(0, False, 0.0, 60, 0.0), EpisodeResult(1, True, 1.0, 60, 0.0)]
-    stats = stall_statistics(rec, results, 2, StallSweepConfig(freeze_steps=30), shift=8)
+    stats = stall_statistics(rec, results, 2, StallSweepConfig(checkpoint="unused", freeze_steps=30), shift=8)
     assert stats["frozen_rate"] == 0.5 and stats["frozen_at_end_rate"] == 0.5
     assert stats["replans"] == 14 and stats["fired_rate"] == 5 / 14  # row 0 at t = 24, 32, 40, 48, 56
     assert stats["frozen_replans"] == 5 and stats["frozen_delta_median"] == 0.0  # row 0 at t = 24 .. 56

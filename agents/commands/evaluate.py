@@ -1,75 +1,84 @@
-"""``step eval --task pusht --agent expert --episodes 10 --video DIR``"""
+"""``step eval --task pusht --agent expert --episodes 10 --video DIR``
+
+Any agent on seeded episodes through the one rollout loop; ``--agent expert`` measures a task's scripted expert
+(success rate, mean max reward, failed seeds; ``--json`` keeps every episode's length and time).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from agents.config_files import check_minimums
-from agents.factory import make_agent
-from step_envs.registry import get_task, make_env
-from step_envs.rollout import rollout, summarize
+from agents.config_files import add_config_arguments, config_from_args, option, validate_fields
+from step_envs.contract import OBS_TYPES
+from step_envs.seeds import EVAL_SEEDS
+
+
+@dataclass
+class EvalConfig:
+    task: str = "pusht"
+    agent: str = option("expert", help="method spec: expert, random, ddpm:100, ddim:4, step:2 ...")
+    checkpoint: str | None = option(None, help="policy checkpoint directory (trained agents)")
+    obs_type: str = option("state", choices=OBS_TYPES)
+    episodes: int = option(10, min=1)
+    seed_start: int = option(EVAL_SEEDS.start, min=0, help="first evaluation seed (step_envs/seeds.py)")
+    num_envs: int = option(1, min=1, help="batch this many envs (one agent call per step)")
+    video: str | None = option(None, help="folder for mp4 videos")
+    num_videos: int = option(2, min=0, help="videos of the first N episodes")
+    json: str | None = option(None, help="write per-episode results here")
+    runtime: str = option("torch", choices=("torch", "onnx"), help="diffusion agents: eager torch or ONNX Runtime "
+                                                                   "(graphs from <checkpoint>/onnx, `step export --onnx`)")
+    # Real arm (tasks so101-pickplace / so101-stackcube): only these change between twin and arm.
+    port: str | None = option(None, help="real arm: serial port of the follower, e.g. /dev/ttyACM0")
+    camera: str | None = option(None, help="real arm: OpenCV camera index or device path")
+    env_kwargs: dict = option(default_factory=dict,
+                              help='extra env keyword arguments as JSON, e.g. \'{"robot_id": "arm1"}\'')
+
+    def __post_init__(self):
+        validate_fields(self)
+
+    def make_env_kwargs(self) -> dict:
+        """Keyword arguments for the env: --env-kwargs plus --port/--camera when given."""
+        kwargs = dict(self.env_kwargs)
+        if self.port is not None:
+            kwargs["port"] = self.port
+        if self.camera is not None:
+            kwargs["camera"] = int(self.camera) if self.camera.isdigit() else self.camera
+        return kwargs
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", default="pusht")
-    parser.add_argument("--agent", default="expert", help="method spec: expert, random, ddpm:100, ddim:4, step:2 ...")
-    parser.add_argument("--checkpoint", default=None, help="policy checkpoint directory (trained agents)")
-    parser.add_argument("--obs-type", default="state", choices=["state", "pixels", "pixels_state"])
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--seed-start", type=int, default=0)
-    parser.add_argument("--num-envs", type=int, default=1, help="batch this many envs (one agent call per step)")
-    parser.add_argument("--video", default=None, help="folder for mp4 videos")
-    parser.add_argument("--num-videos", type=int, default=2, help="videos of the first N episodes")
-    parser.add_argument("--json", default=None, help="write per-episode results here")
-    # Real arm (tasks so101-pickplace / so101-stackcube): only these change between twin and arm.
-    parser.add_argument("--port", default=None, help="real arm: serial port of the follower, e.g. /dev/ttyACM0")
-    parser.add_argument("--camera", default=None, help="real arm: OpenCV camera index or device path")
-    parser.add_argument("--env-kwargs", default=None, help='extra env keyword arguments as JSON, e.g. \'{"robot_id": "arm1"}\'')
-
-
-def parse_env_kwargs(text: str | None) -> dict:
-    """The --env-kwargs option: a JSON object (or nothing)."""
-    if not text:
-        return {}
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--env-kwargs is not valid JSON: {err}") from err
-    if not isinstance(kwargs, dict):
-        raise ValueError("--env-kwargs must be a JSON object")
-    return kwargs
-
-
-def env_kwargs_from_args(args) -> dict:
-    """Keyword arguments for the env: --env-kwargs JSON plus --port/--camera when given."""
-    kwargs = parse_env_kwargs(args.env_kwargs)
-    if args.port is not None:
-        kwargs["port"] = args.port
-    if args.camera is not None:
-        kwargs["camera"] = int(args.camera) if args.camera.isdigit() else args.camera
-    return kwargs
+    add_config_arguments(parser, EvalConfig)
 
 
 def run(args) -> int:
-    spec = get_task(args.task)
-    check_minimums(args, episodes=1, num_envs=1, num_videos=0)
-    num_envs = None if args.num_envs <= 1 else args.num_envs
-    env = make_env(args.task, obs_type=args.obs_type, num_envs=num_envs, **env_kwargs_from_args(args))
+    from agents.factory import make_agent
+    from step_envs.registry import get_task, make_env
+    from step_envs.rollout import rollout, summarize
+
+    cfg = config_from_args(EvalConfig, args)
+    spec = get_task(cfg.task)
+    num_envs = None if cfg.num_envs <= 1 else cfg.num_envs
+    env = make_env(cfg.task, obs_type=cfg.obs_type, num_envs=num_envs, **cfg.make_env_kwargs())
     try:
-        agent = make_agent(args.agent, env, task=spec.name, checkpoint=args.checkpoint)
-        seeds = range(args.seed_start, args.seed_start + args.episodes)
-        results = rollout(env, agent, seeds, video_dir=args.video, num_videos=args.num_videos if args.video else 0)
+        extra = {"runtime": cfg.runtime} if cfg.runtime != "torch" else {}  # agents/onnx_runtime.py
+        agent = make_agent(cfg.agent, env, task=spec.name, checkpoint=cfg.checkpoint, **extra)
+        seeds = range(cfg.seed_start, cfg.seed_start + cfg.episodes)
+        results = rollout(env, agent, seeds, video_dir=cfg.video, num_videos=cfg.num_videos if cfg.video else 0)
     finally:
         env.close()
     summary = summarize(results)
-    summary.update(task=spec.name, agent=args.agent, seed_start=args.seed_start)
-    print(f"{spec.name} {args.agent}: success {summary['success_rate']:.2f} "
+    summary.update(task=spec.name, agent=cfg.agent, seed_start=cfg.seed_start)
+    print(f"{spec.name} {cfg.agent}: success {summary['success_rate']:.2f} "
           f"mean max reward {summary['mean_max_reward']:.3f} over {summary['episodes']} episodes")
+    failed = [r.seed for r in results if not r.success]
+    if failed:
+        print(f"failed seeds: {', '.join(map(str, failed))}")
     for r in results:
         if r.video:
             print(f"video: {r.video}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(summary, indent=2))
     return 0

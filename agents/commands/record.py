@@ -23,89 +23,46 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.config_files import add_config_arguments, config_from_args, option, validate_fields
+from hardware import DEFAULT_LEADER_ID, DEFAULT_ROBOT_ID
+from step_envs.contract import OBS_TYPES
 from step_envs.dataset import LEROBOT_SUBDIR, frame_from_obs, lerobot_features, write_dataset
 from step_envs.registry import get_task, make_env
+from step_envs.seeds import DEMO_SEEDS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RecordConfig:
-    task: str = "so101-pickplace-sim"
-    out: str = "data/so101"
-    episodes: int = 20
-    agent: str = "expert"  # used when no leader arm is given
-    obs_type: str = "pixels"  # the real arm has no object state
-    seed_start: int = 100_000
-    episode_seconds: float | None = None  # cap below the task's horizon
-    keep_failures: bool = False  # twin: keep episodes that did not succeed
+    task: str = option("so101-pickplace-sim", help="so101-pickplace(-sim) or so101-stackcube(-sim)")
+    out: str = option(help="output folder (the dataset goes to OUT/lerobot)")
+    episodes: int = option(20, min=1, help="episodes to keep")
+    agent: str = option("expert", help="agent spec when no --teleop-port is given")
+    obs_type: str = option("pixels", choices=OBS_TYPES)  # the real arm has no object state
+    seed_start: int = DEMO_SEEDS.start  # the twin's demonstrations use the demonstration seeds (step_envs/seeds.py)
+    episode_seconds: float | None = option(None, help="cap each episode below the task's horizon")
+    keep_failures: bool = option(False, help="twin: keep unsuccessful episodes too")
     # real arm (see hardware/so101_env.py)
-    port: str | None = None
-    camera: str | None = None
-    robot_id: str = "step_so101"
+    port: str | None = option(None, help="follower arm serial port (real ids)")
+    camera: str | None = option(None, help="top camera: OpenCV index or /dev/video path (real ids)")
+    robot_id: str = option(DEFAULT_ROBOT_ID, help="LeRobot calibration id of the follower")
     calibration_dir: str | None = None
-    # leader arm (LeRobot SO101Leader)
-    teleop_port: str | None = None
-    teleop_id: str = "step_so101_leader"
+    # leader arm (LeRobot SO101Leader, agents/leader_arm.py)
+    teleop_port: str | None = option(None, help="leader arm serial port: teleoperate")
+    teleop_id: str = option(DEFAULT_LEADER_ID, help="LeRobot calibration id of the leader")
     teleop_calibration_dir: str | None = None
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def add_arguments(parser) -> None:
-    d = RecordConfig()
-    parser.add_argument("--task", default=d.task, help="so101-pickplace(-sim) or so101-stackcube(-sim)")
-    parser.add_argument("--out", required=True, help="output folder (the dataset goes to OUT/lerobot)")
-    parser.add_argument("--episodes", type=int, default=d.episodes, help="episodes to keep")
-    parser.add_argument("--agent", default=d.agent, help="agent spec when no --teleop-port is given")
-    parser.add_argument("--obs-type", default=d.obs_type, choices=["state", "pixels", "pixels_state"])
-    parser.add_argument("--seed-start", type=int, default=d.seed_start)
-    parser.add_argument("--episode-seconds", type=float, default=None)
-    parser.add_argument("--keep-failures", action="store_true", help="twin: keep unsuccessful episodes too")
-    parser.add_argument("--port", default=None, help="follower arm serial port (real ids)")
-    parser.add_argument("--camera", default=None, help="top camera: OpenCV index or /dev/video path (real ids)")
-    parser.add_argument("--robot-id", default=d.robot_id, help="LeRobot calibration id of the follower")
-    parser.add_argument("--calibration-dir", default=None)
-    parser.add_argument("--teleop-port", default=None, help="leader arm serial port: teleoperate")
-    parser.add_argument("--teleop-id", default=d.teleop_id, help="LeRobot calibration id of the leader")
-    parser.add_argument("--teleop-calibration-dir", default=None)
+    add_config_arguments(parser, RecordConfig)
 
 
 def run(args) -> int:
-    cfg = RecordConfig(**{k: getattr(args, k) for k in RecordConfig.__dataclass_fields__})
-    report = record(cfg)
+    report = record(config_from_args(RecordConfig, args))
     print(json.dumps(report, indent=2))
     return 0
-
-
-class LeaderArm:
-    """A LeRobot SO-101 leader arm as an agent: ``act`` returns its joint positions (LeRobot units)."""
-
-    def __init__(self, port: str, robot_id: str, calibration_dir: str | None, motor_keys):
-        from lerobot.teleoperators.so_leader import SO101Leader, SO101LeaderConfig
-
-        from hardware.so101_env import ArmNotFoundError
-
-        if port.startswith("/dev/") and not Path(port).exists():
-            raise ArmNotFoundError(f"No serial port {port!r} for the leader arm; find it with `lerobot-find-port`.")
-        config = SO101LeaderConfig(port=port, id=robot_id,
-                                   calibration_dir=Path(calibration_dir) if calibration_dir else None)
-        self.leader = SO101Leader(config)
-        if not self.leader.calibration_fpath.is_file():
-            raise RuntimeError(f"No leader calibration {self.leader.calibration_fpath}: run lerobot-calibrate "
-                               f"--teleop.type=so101_leader --teleop.port={port} --teleop.id={robot_id}")
-        self.motor_keys = tuple(motor_keys)
-        try:
-            self.leader.connect(calibrate=False)
-        except ConnectionError as err:
-            raise ArmNotFoundError(f"The leader arm on {port!r} did not answer: {err}") from err
-
-    def reset(self) -> None:
-        pass
-
-    def act(self, obs) -> np.ndarray:
-        positions = self.leader.get_action()
-        return np.array([positions[k] for k in self.motor_keys], dtype=np.float32)
-
-    def close(self) -> None:
-        if self.leader.is_connected:
-            self.leader.disconnect()
 
 
 def _env_kwargs(cfg: RecordConfig, real: bool) -> dict:
@@ -120,27 +77,23 @@ def _env_kwargs(cfg: RecordConfig, real: bool) -> dict:
 
 
 def record(cfg: RecordConfig, progress: bool = True) -> dict:
-    from hardware.so101_twin import MOTOR_KEYS
+    from agents.factory import make_agent
 
     spec = get_task(cfg.task)
     if not spec.name.startswith("so101-"):
         raise ValueError(f"`step record` drives the SO-101; got task {cfg.task!r} (use `step collect` elsewhere).")
-    if cfg.episodes < 1:
-        raise ValueError("--episodes must be at least 1")
     root = Path(cfg.out) / LEROBOT_SUBDIR
     if root.exists():
         raise FileExistsError(f"{root} already exists; choose another --out or remove it.")
     env = make_env(spec.name, obs_type=cfg.obs_type, **_env_kwargs(cfg, spec.real_hardware))
-    teleop = None
+    agent = None
     episodes: list[dict] = []
     summaries: list[dict] = []
     try:
         if cfg.teleop_port:
-            teleop = LeaderArm(cfg.teleop_port, cfg.teleop_id, cfg.teleop_calibration_dir, MOTOR_KEYS)
-            agent = teleop
+            agent = make_agent("leader", env, port=cfg.teleop_port, robot_id=cfg.teleop_id,
+                               calibration_dir=cfg.teleop_calibration_dir)
         else:
-            from agents.factory import make_agent
-
             agent = make_agent(cfg.agent, env, task=spec.name, seed=cfg.seed_start)
         max_steps = spec.max_episode_steps
         if cfg.episode_seconds is not None:
@@ -165,8 +118,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
                 raise RuntimeError(f"Only {len(episodes)} good episodes after {len(summaries)} tries.")
         features = lerobot_features(env.observation_space, env.action_space)
     finally:
-        if teleop is not None:
-            teleop.close()
+        if hasattr(agent, "close"):  # the leader arm: port closed
+            agent.close()
         env.close()  # torque off, port closed
     if not episodes:
         raise RuntimeError("No episode was kept; nothing written.")
@@ -187,18 +140,16 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
 
 
 def _record_episode(env, agent, seed: int, max_steps: int, real: bool) -> tuple[dict, dict]:
-    obs, info = env.reset(seed=seed)
-    agent.reset()
-    frames, success, stopped = [], False, False
+    """One episode through the rollout loop; its frames come from the loop's step hook."""
+    from step_envs.rollout import rollout
+
+    frames: list[dict] = []
+    success, stopped = False, False
     t0 = time.perf_counter()
     try:
-        for _ in range(max_steps):
-            action = np.asarray(agent.act(obs), dtype=np.float32)
-            frames.append(frame_from_obs(obs, action))
-            obs, _, terminated, truncated, info = env.step(action)
-            success |= bool(info["is_success"])
-            if terminated or truncated:
-                break
+        (result,) = rollout(env, agent, [seed], progress=False, max_steps=max_steps,
+                            step_hook=lambda obs, action: frames.append(frame_from_obs(obs, action)))
+        success = result.success
     except KeyboardInterrupt:
         if not real or not frames:
             raise

@@ -1,41 +1,44 @@
-"""``step train-predictor --policy CKPT --dataset DIR [--out PRED_CKPT] [--config FILE]``"""
+"""``step train-predictor --policy CKPT --dataset DIR [--out PRED_CKPT] [--config FILE]``
 
-from __future__ import annotations
+Post-hoc STEP for a LeRobot Diffusion Policy (``agents/lerobot_import.py``):
+``step train-predictor --lerobot-policy outputs/train/.../pretrained_model --dataset DIR [--task pusht]``
+imports the frozen LeRobot policy as a step-policy checkpoint (``--policy``, default ``<lerobot-policy>-step``)
+and trains the predictor into ``<policy>/predictor``.
+"""
 
-import json
+import dataclasses
+from dataclasses import dataclass
 
-from agents.config_files import build_config
+from agents.commands import json_command
+from agents.config_files import option
 from agents.training import TrainPredictorConfig, train_predictor
 
-OPTIONS = {
-    "policy": str, "dataset": str, "out": str, "steps": int, "batch_size": int, "lr": float,
-    "val_fraction": float, "prev_source": str, "seed": int, "threads": int, "precision": str,
-}
+
+@dataclass
+class TrainPredictorCommandConfig(TrainPredictorConfig):
+    policy: str | None = option(None, help="policy checkpoint (step train-policy --out); with --lerobot-policy: "
+                                           "where the imported policy is written (default <lerobot-policy>-step)")
+    dataset: str | None = option(None, help="LeRobotDataset root or `step collect` folder (required)")
+    lerobot_policy: str | None = option(None, help="a LeRobot DiffusionPolicy pretrained folder (lerobot-train "
+                                                   "output): import it frozen, then train STEP's predictor on it")
+    task: str = option("pusht", help="with --lerobot-policy: the task whose env the policy runs on")
 
 
-def add_arguments(parser) -> None:
-    d = TrainPredictorConfig(policy="", dataset="")
-    parser.add_argument("--config", default=None, help="YAML file of TrainPredictorConfig fields (see configs/)")
-    help_text = {
-        "policy": "policy checkpoint (step train-policy --out)",
-        "out": "predictor folder (default <policy>/predictor)",
-        "prev_source": "previous chunk: 'dataset' (demo window Ta steps earlier) or 'policy' (backbone's own chunk there)",
-        "threads": "torch CPU threads (0: every core)",
-        "precision": "auto | bf16 | fp32 (auto: fp32, the predictor is small)",
-    }
-    for name, kind in OPTIONS.items():
-        default = getattr(d, name) if name not in ("policy", "dataset") else "required"
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                            help=f"{help_text.get(name, '')} (default: {default})".strip())
-    parser.add_argument("--no-ablation", action="store_true", help="skip the spatial-only predictor")
+def train(cfg: TrainPredictorCommandConfig) -> dict:
+    if not cfg.dataset:
+        raise ValueError("--dataset is required.")
+    report = {}
+    policy = cfg.policy
+    if cfg.lerobot_policy:
+        from agents.lerobot_import import import_lerobot_policy
+
+        policy = policy or str(cfg.lerobot_policy).rstrip("/") + "-step"
+        report["import"] = import_lerobot_policy(cfg.lerobot_policy, policy, task=cfg.task)
+    elif not policy:
+        raise ValueError("--policy is required (or --lerobot-policy).")
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainPredictorConfig)}
+    report.update(train_predictor(TrainPredictorConfig(**{**base, "policy": policy})))
+    return report
 
 
-def run(args) -> int:
-    overrides = {name: getattr(args, name) for name in OPTIONS}
-    if args.no_ablation:
-        overrides["ablation"] = False
-    cfg = build_config(TrainPredictorConfig, args.config, **overrides)
-    if cfg.prev_source not in ("dataset", "policy"):
-        raise ValueError("prev_source must be 'dataset' or 'policy'")
-    print(json.dumps(train_predictor(cfg), indent=2))
-    return 0
+add_arguments, run = json_command(TrainPredictorCommandConfig, train)

@@ -13,7 +13,7 @@ Lift, Can and Square are phase machines; Transport runs one generator per arm (a
 straight-line code) that synchronise at the handover. ToolHang stands the frame in its mount reliably; hanging
 the tool is scripted (threading the hole over the hook's upright end, pitched) but does not succeed yet.
 
-Measure: ``python -m step_envs.experts.robomimic_experts --task square --seeds 50``.
+Measure: ``step eval --task square --agent expert --episodes 50``.
 """
 
 from __future__ import annotations
@@ -873,42 +873,3 @@ def make_robomimic_expert(task: str, env):
     if task not in EXPERTS:
         raise ValueError(f"No scripted RoboMimic expert for task {task!r}. Available: {', '.join(EXPERTS)}")
     return EXPERTS[task](env)
-
-
-def measure(task: str, seeds: range, obs_type: str = "state") -> dict:
-    """Success rate of the expert on seeded episodes, and env steps per second (expert time included)."""
-    import time
-
-    import step_envs  # noqa: F401  (registers the ids)
-    from step_envs.experts import make_expert
-    from step_envs.registry import make_env
-
-    env = make_env(task, obs_type=obs_type)
-    expert = make_expert(task, env)
-    successes, steps, start = [], 0, time.perf_counter()
-    for seed in seeds:
-        obs, info = env.reset(seed=seed)
-        expert.reset()
-        terminated = truncated = False
-        while not (terminated or truncated):
-            obs, _, terminated, truncated, info = env.step(expert.act(obs))
-            steps += 1
-        successes.append(bool(info["is_success"]))
-    seconds = time.perf_counter() - start
-    env.close()
-    failed = [s for s, ok in zip(seeds, successes) if not ok]
-    return {"task": task, "obs_type": obs_type, "episodes": len(successes), "success_rate": float(np.mean(successes)),
-            "failed_seeds": failed, "steps": steps, "steps_per_second": steps / seconds, "seconds": seconds}
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Measure a RoboMimic expert: success rate and env steps/s.")
-    parser.add_argument("--task", required=True, choices=sorted(EXPERTS))
-    parser.add_argument("--seeds", type=int, default=50, help="episodes on seeds 0..N-1")
-    parser.add_argument("--seed-start", type=int, default=0)
-    parser.add_argument("--obs-type", default="state", choices=["state", "pixels", "pixels_state"])
-    args = parser.parse_args()
-    print(json.dumps(measure(args.task, range(args.seed_start, args.seed_start + args.seeds), args.obs_type), indent=2))

@@ -1,5 +1,7 @@
 """Scripted experts that make demonstrations here (no dataset can be downloaded on these machines).
 
+One module per simulator: ``pusht`` (gym-pusht's pymunk sim), ``robomimic`` (robosuite Lift .. ToolHang) and
+``so101`` (the SO-101 MuJoCo twin). Measure one with ``step eval --task T --agent expert --episodes 50``.
 ``make_expert(task, env)`` returns an agent (``reset()`` / ``act(obs)``) that reads the true simulator
 state of ``env``, a single env or a synchronous VectorEnv (one expert per sub-env).
 """
@@ -38,18 +40,18 @@ def _sub_envs(env) -> tuple[list, bool]:
 def make_expert(task: str, env, seed: int = 0) -> ExpertAgent:
     envs, batched = _sub_envs(env)
     if task == "pusht":
-        from step_envs.experts.pusht_expert import PushTExpert
+        from agents.experts.pusht import PushTExpert
 
         return ExpertAgent([PushTExpert(e.unwrapped.sim, seed=seed) for e in envs], batched)
     if task.startswith("so101-"):
         if not task.endswith("-sim"):
             raise ValueError(f"No scripted expert for the real arm ({task!r}): it needs object poses. "
                              "Use the twin (so101-*-sim) or teleoperate with `step record --teleop`.")
-        from hardware.so101_expert import SO101Expert
+        from agents.experts.so101 import SO101Expert
 
         return ExpertAgent([SO101Expert(e.unwrapped, seed=seed) for e in envs], batched)
     if task in ("lift", "can", "square", "transport", "toolhang"):
-        from step_envs.experts.robomimic_experts import make_robomimic_expert
+        from agents.experts.robomimic import make_robomimic_expert
 
         return ExpertAgent([make_robomimic_expert(task, e.unwrapped) for e in envs], batched)
     raise ValueError(f"No scripted expert for task {task!r}.")

@@ -1,0 +1,197 @@
+"""ONNX Runtime path: same chunks as torch for the same noise, one-line errors for foreign files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from agents import make_agent  # noqa: E402
+from agents.latency import _random_history  # noqa: E402
+
+# Chunks are in the normalised action space ([-1, 1]); float32 kernels of two libraries differ by ~1e-6 per
+# call, and a few DDIM steps amplify it a little. DDPM's 100 steps amplify more.
+ATOL = 1e-4
+ATOL_DDPM = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from _random_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("onnx_ckpt") / "policy")
+
+
+@pytest.fixture(scope="module")
+def env():
+    from step_envs.registry import make_env
+
+    env = make_env("pusht", obs_type="state")
+    yield env
+    env.close()
+
+
+def _chunks(agent, history, calls=3):
+    agent.reset()
+    return [agent.chunk(history).clone() for _ in range(calls)]  # STEP: calls 2.. warm-start from the last chunk
+
+
+@pytest.mark.parametrize("spec", ["ddim:2", "step:2", "step:1", "step:0", "step-spatial:2", "step-temporal:2", "dpmsolver:2"])
+def test_onnx_chunks_match_torch(tiny_checkpoint, env, spec, tmp_path):
+    torch_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3)
+    onnx_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3, runtime="onnx", onnx_dir=str(tmp_path))
+    assert type(onnx_agent).__name__ == "OnnxDiffusionAgent"
+    history = _random_history(torch_agent.backbone, torch.Generator().manual_seed(1))
+    a, b = _chunks(torch_agent, history), _chunks(onnx_agent, history)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert torch.allclose(x, y, atol=ATOL), f"{spec}: max diff {(x - y).abs().max():.2e}"
+    # the chunks really depend on the noise: another seed gives another chunk (not for step:0, which has none)
+    if spec != "step:0":
+        other = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=4, runtime="onnx", onnx_dir=str(tmp_path))
+        assert not torch.allclose(_chunks(other, history, 1)[0], a[0], atol=1e-3)
+
+
+def test_onnx_ddpm_matches_torch(tiny_checkpoint, env):
+    history = _random_history(make_agent("ddim:1", env, checkpoint=str(tiny_checkpoint)).backbone,
+                              torch.Generator().manual_seed(2))
+    x = _chunks(make_agent("ddpm", env, checkpoint=str(tiny_checkpoint), seed=5), history, 1)[0]
+    y = _chunks(make_agent("ddpm", env, checkpoint=str(tiny_checkpoint), seed=5, runtime="onnx"), history, 1)[0]
+    assert torch.allclose(x, y, atol=ATOL_DDPM), f"max diff {(x - y).abs().max():.2e}"
+
+
+def test_onnx_agent_acts_like_torch_agent_in_env(tiny_checkpoint, env):
+    """A short closed-loop episode: the ONNX agent's actions equal the torch agent's (clipped, raw units)."""
+    for spec in ("ddim:2", "step:2"):
+        actions = []
+        for runtime in ("torch", "onnx"):
+            agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=0, runtime=runtime)
+            obs, _ = env.reset(seed=11)
+            agent.reset()
+            run = []
+            for _ in range(20):  # 3 replans
+                action = agent.act(obs)
+                run.append(action)
+                obs, *_ = env.step(action)
+            actions.append(np.stack(run))
+        assert actions[0].shape == (20, 2)
+        np.testing.assert_allclose(actions[0], actions[1], atol=0.05)  # pixels on a 512 px board
+
+
+def test_onnx_batch_agent(tiny_checkpoint):
+    """A VectorEnv batch runs through the same graphs (dynamic batch axis); row i equals a single agent seeded i."""
+    from step_envs.registry import make_env
+
+    venv = make_env("pusht", obs_type="state", num_envs=2)
+    single = make_env("pusht", obs_type="state")
+    try:
+        batch_agent = make_agent("step:2", venv, checkpoint=str(tiny_checkpoint), seed=0, runtime="onnx")
+        obs, _ = venv.reset(seed=[20, 21])
+        batch_agent.reset()
+        batch_actions = batch_agent.act(obs)
+        assert batch_actions.shape == (2, 2)
+        row_agent = make_agent("step:2", single, checkpoint=str(tiny_checkpoint), seed=1, runtime="onnx")
+        obs1, _ = single.reset(seed=21)
+        row_agent.reset()
+        np.testing.assert_allclose(row_agent.act(obs1), batch_actions[1], atol=1e-3)
+    finally:
+        venv.close()
+        single.close()
+
+
+def test_export_onnx_writes_files_with_metadata(tiny_checkpoint, tmp_path):
+    from agents.onnx_runtime import export_onnx, read_metadata
+
+    report = export_onnx(tiny_checkpoint, tmp_path / "onnx", methods=("ddim:2", "step:2"))
+    names = sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx"))
+    assert names == sorted(["encoder.onnx", "unet.onnx", "predictor.onnx", "predictor_noprev.onnx",
+                            "chunk_ddim_2.onnx", "chunk_step_2.onnx", "chunk_step_2_noprev.onnx"])
+    meta = read_metadata(tmp_path / "onnx" / "chunk_step_2.onnx")
+    assert meta["format"] == "step-onnx" and meta["task"] == "pusht" and meta["steps"] == 2
+    assert meta["policy_digest"] == report["policy_digest"]
+    assert meta["inputs"] == ["state", "env_state", "prev", "noise", "xi", "lam", "sigma"]
+
+
+def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
+    """An ONNX file of another policy (or graph) in onnx_dir: a one-line ValueError naming the file."""
+    import onnx
+
+    from agents.onnx_runtime import export_onnx
+
+    export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:2",))
+    path = tmp_path / "chunk_ddim_2.onnx"
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == "policy_digest":
+            p.value = json.dumps("0123456789abcdef")
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="another policy") as err:
+        make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
+    assert "chunk_ddim_2.onnx" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "unet.onnx").write_bytes(b"not an onnx file")
+    (tmp_path / "chunk_ddim_2.onnx").unlink()
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
+        make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
+
+
+def test_onnx_file_for_another_task_is_refused(tiny_checkpoint, env, tmp_path):
+    import onnx
+
+    from agents.onnx_runtime import export_onnx
+
+    export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:1",))
+    path = tmp_path / "chunk_ddim_1.onnx"
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == "task":
+            p.value = json.dumps("lift")
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="exported for task 'lift', not 'pusht'"):
+        make_agent("ddim:1", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
+
+
+def test_unknown_runtime_refused(tiny_checkpoint, env):
+    with pytest.raises(ValueError, match="Unknown runtime"):
+        make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="tensorrt")
+
+
+def test_latency_rows_side_by_side(tiny_checkpoint):
+    """`step latency --runtime torch,onnx`: both runtimes' rows in one run, ONNX counting its graph's NFEs."""
+    from agents.checkpoint import load_policy, load_predictor
+    from agents.latency import LatencyConfig, measure_latency, runtime_comparison
+    from step_envs.registry import make_env
+
+    backbone, _ = load_policy(tiny_checkpoint)
+    predictor, _ = load_predictor(tiny_checkpoint / "predictor", backbone)
+    env = make_env("pusht", obs_type="state")
+    cfg = LatencyConfig(methods=("ddim:2", "step:1"), calls=2, warmup=1, nfe_calls=2, runtime=("torch", "onnx"))
+    rows = measure_latency(backbone, predictor, cfg, env.action_space)
+    env.close()
+    assert [(r["method"], r["steps"], r["runtime"]) for r in rows] == [
+        ("ddim", 2, "torch"), ("ddim", 2, "onnx"), ("step", 1, "torch"), ("step", 1, "onnx")]
+    assert [r["nfe_per_replan"] for r in rows] == [2, 2, 1, 1]
+    comparison = runtime_comparison(rows)
+    assert [(c["method"], c["steps"]) for c in comparison] == [("ddim", 2), ("step", 1)]
+    with pytest.raises(ValueError, match="--runtime"):
+        LatencyConfig(runtime=("tensorrt",))
+
+
+def test_step_export_onnx_cli_then_agent_uses_the_files(tiny_checkpoint, env, tmp_path):
+    """`step export --onnx`: the release folder's onnx/ serves make_agent(runtime='onnx') without re-exporting."""
+    from agents.cli import main
+
+    out = tmp_path / "release"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--onnx",
+                 "--onnx-methods", "step:2"]) == 0
+    assert (out / "onnx" / "chunk_step_2.onnx").exists() and (out / "onnx" / "encoder.onnx").exists()
+    agent = make_agent("step:2", env, checkpoint=str(out), runtime="onnx")
+    assert agent.graphs._tmp is None  # every graph came from <out>/onnx
+    obs, _ = env.reset(seed=0)
+    agent.reset()
+    torch_agent = make_agent("step:2", env, checkpoint=str(out))
+    torch_agent.reset()
+    np.testing.assert_allclose(agent.act(obs), torch_agent.act(obs), atol=0.05)
