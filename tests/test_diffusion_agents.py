@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _episodes import run_steps
 
 from agents.checkpoint import load_policy, save_policy
 from agents.factory import make_agent
@@ -15,17 +16,6 @@ def env():
     e = make_env("pusht", obs_type="state")
     yield e
     e.close()
-
-
-def run_steps(env, agent, seed, n):
-    obs, _ = env.reset(seed=seed)
-    agent.reset()
-    actions = []
-    for _ in range(n):
-        a = agent.act(obs)
-        actions.append(a)
-        obs, *_ = env.step(a)
-    return np.stack(actions)
 
 
 @pytest.mark.parametrize("method", ["ddim:2", "dpmsolver:2", "step:2"])

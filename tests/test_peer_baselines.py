@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _episodes import run_steps
 
 from agents.factory import make_agent
 from step_envs.registry import make_env
@@ -22,17 +23,6 @@ def stream_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path_factory):
                                    batch_size=8, warmup_steps=1, log_every=2, save_every=4, eval_every=0,
                                    noise_mode="streaming", init_from=str(tiny_checkpoint), progress=False))
     return root
-
-
-def run_steps(env, agent, seed, n):
-    obs, _ = env.reset(seed=seed)
-    agent.reset()
-    actions = []
-    for _ in range(n):
-        a = agent.act(obs)
-        actions.append(a)
-        obs, *_ = env.step(a)
-    return np.stack(actions)
 
 
 @pytest.mark.parametrize("method", ["rtidp:2", "falcon:2", "sdp", "rnrdp"])
