@@ -116,19 +116,23 @@ def test_export_onnx_writes_files_with_metadata(tiny_checkpoint, tmp_path):
     assert meta["inputs"] == ["state", "env_state", "prev", "noise", "xi", "lam", "sigma"]
 
 
-def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
-    """An ONNX file of another policy (or graph) in onnx_dir: a one-line ValueError naming the file."""
+def _set_metadata(path, key: str, value) -> None:
+    """Rewrite one metadata field of an exported ONNX file (to fake a file from another policy or task)."""
     import onnx
 
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
+    """An ONNX file of another policy (or graph) in onnx_dir: a one-line ValueError naming the file."""
     from agents.onnx_runtime import export_onnx
 
     export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:2",))
-    path = tmp_path / "chunk_ddim_2.onnx"
-    model = onnx.load(str(path))
-    for p in model.metadata_props:
-        if p.key == "policy_digest":
-            p.value = json.dumps("0123456789abcdef")
-    onnx.save(model, str(path))
+    _set_metadata(tmp_path / "chunk_ddim_2.onnx", "policy_digest", "0123456789abcdef")
     with pytest.raises(ValueError, match="another policy") as err:
         make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
     assert "chunk_ddim_2.onnx" in str(err.value) and "\n" not in str(err.value)
@@ -139,17 +143,10 @@ def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
 
 
 def test_onnx_file_for_another_task_is_refused(tiny_checkpoint, env, tmp_path):
-    import onnx
-
     from agents.onnx_runtime import export_onnx
 
     export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:1",))
-    path = tmp_path / "chunk_ddim_1.onnx"
-    model = onnx.load(str(path))
-    for p in model.metadata_props:
-        if p.key == "task":
-            p.value = json.dumps("lift")
-    onnx.save(model, str(path))
+    _set_metadata(tmp_path / "chunk_ddim_1.onnx", "task", "lift")
     with pytest.raises(ValueError, match="exported for task 'lift', not 'pusht'"):
         make_agent("ddim:1", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
 
