@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from agents.config_files import check_minimums, option
+from agents.config_files import option, validate_fields
 from step_envs.seeds import EVAL_SEEDS
 
 ANALYSES = ("lipschitz", "contraction", "kselect", "mare", "predictor-only")
@@ -75,19 +75,19 @@ class AnalyzeConfig:
                                                "checkpoint)")
     out: str | None = option(None, help="output folder (default results/analysis[/<analysis>])")
     seed_start: int = EVAL_SEEDS.start  # first evaluation seed, for the windows' rollouts and the closed-loop rollouts
-    window_episodes: int = 20  # rollouts that provide the validation windows
+    window_episodes: int = option(20, min=1, help="rollouts that provide the validation windows")
     window_source: str = "expert"  # or an agent spec (e.g. "ddim:8"), rolled out on the task's checkpoint
-    windows: int = 512  # windows used by contraction and mare (a fixed random subset)
-    num_envs: int = 20  # envs per rollout wave (20 episodes: one wave, one batched call per replan)
+    windows: int = option(512, min=1, help="windows used by contraction and mare (a fixed random subset)")
+    num_envs: int = option(20, min=1, help="envs per rollout wave (20 episodes: one wave, one batched call per replan)")
     seed: int = 0
     threads: int = 0  # 0: every core
-    batch: int = 256  # rows per network call
+    batch: int = option(256, min=1, help="rows per network call")
     progress: bool = True
     # lipschitz
-    power_iters: int = 100  # power iterations per convolution (stops early at 1e-7 relative change)
-    lip_windows: int = 32
+    power_iters: int = option(100, min=1, help="power iterations per convolution (stops early at 1e-7 relative change)")
+    lip_windows: int = option(32, min=1)
     lip_timesteps: tuple[int, ...] = (0, 10, 25, 50, 75, 99)
-    lip_iters: int = 10  # JVP/VJP power iterations per (window, timestep)
+    lip_iters: int = option(10, min=1, help="JVP/VJP power iterations per (window, timestep)")
     # contraction
     contraction_steps: tuple[int, ...] = (10, 4, 2)  # DDIM schedules measured; the first gives kselect's rho
     # kselect
@@ -95,13 +95,16 @@ class AnalyzeConfig:
     eps_tol: float = 0.1
     alpha: float = 1.0
     rho: float | None = None  # override the measured rho
-    kselect_windows: int = 256
+    kselect_windows: int = option(256, min=1)
     # predictor-only
     methods: tuple[str, ...] = ("ddpm:100", "step:2", "step:0")
-    episodes: int = 20
+    episodes: int = option(20, min=1)
     max_steps: int | None = None  # cap closed-loop episodes (smoke runs only)
-    spread_windows: int = 64
-    spread_samples: int = 4
+    spread_windows: int = option(64, min=1)
+    spread_samples: int = option(4, min=2, help="samples per window (a spread needs two)")
+
+    def __post_init__(self):
+        check_config(self)
 
 
 # ================================================================ per-task context and windows
@@ -175,7 +178,7 @@ class TaskContext:
 
 
 def check_config(cfg: AnalyzeConfig) -> None:
-    """Clear one-line errors for bad input, before any work."""
+    """Clear one-line errors for bad input, when the config is made (``AnalyzeConfig.__post_init__``)."""
     from step_envs.registry import get_task
     from step_envs.seeds import EVAL_SEEDS
 
@@ -185,10 +188,7 @@ def check_config(cfg: AnalyzeConfig) -> None:
         get_task(task)  # "Unknown task ..."
     if cfg.checkpoint and len(cfg.tasks) > 1:
         raise ValueError("--checkpoint names one policy; with several --tasks each task uses checkpoints/<task>.")
-    check_minimums(cfg, **dict.fromkeys(("window_episodes", "windows", "num_envs", "batch", "lip_windows", "lip_iters",
-                                         "kselect_windows", "episodes", "spread_windows", "power_iters"), 1))
-    if cfg.spread_samples < 2:
-        raise ValueError("spread-samples must be at least 2 (a spread needs two samples)")
+    validate_fields(cfg)  # the fields' declared minimums
     last = cfg.seed_start + max(cfg.window_episodes, cfg.episodes) - 1
     if cfg.seed_start < EVAL_SEEDS.start or last >= EVAL_SEEDS.stop:
         raise ValueError(f"Seeds {cfg.seed_start}-{last} leave the evaluation block {EVAL_SEEDS.start}-"
@@ -901,7 +901,6 @@ def run_analysis(name: str, cfg: AnalyzeConfig, contexts: dict[str, TaskContext]
 
     if name not in RUNNERS:
         raise ValueError(f"Unknown analysis {name!r}: {', '.join(ANALYSES)}, all")
-    check_config(cfg)
     torch.set_num_threads(resolve_threads(cfg.threads))
     own = contexts is None  # contexts made here are closed here; run_all closes its own
     contexts = {} if own else contexts
@@ -1287,7 +1286,6 @@ def run_all(cfg: AnalyzeConfig, out, analyses=ANALYSES) -> dict:
     ``out/results.json`` (an index) and ``out/overview.png``. Task by task: a task's models, windows and
     envs are loaded once for all its analyses and released before the next task."""
     out = Path(out)
-    check_config(cfg)
     reports: dict[str, dict] = {}
     t0 = time.perf_counter()
     for task in cfg.tasks:

@@ -45,14 +45,6 @@ def build_config(cls, path: str | Path | None = None, **overrides):
     return cls(**values)
 
 
-def check_minimums(cfg, **minimums) -> None:
-    """Refuse (ValueError naming the option) a numeric field below its minimum, before any work starts."""
-    for name, minimum in minimums.items():
-        value = getattr(cfg, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
-
-
 # ---------------------------------------------------------------- command-line flags from a dataclass
 # Every `step` command derives its flags from its config dataclass with the two functions below, so a field is
 # defined once (name, type, default, help, limits) and a YAML file (--config) and a flag override the same field.

@@ -6,6 +6,8 @@ and work on a single env or a gymnasium VectorEnv (one batched call for all envs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gymnasium as gym
 
 # The default method list of every command that compares methods (`step bench`, `step latency`): the paper's
@@ -48,7 +50,19 @@ def parse_method(spec: str) -> tuple[str, int | None]:
     return name.lower(), None
 
 
+@dataclass(frozen=True)
+class EnvSpaces:
+    """What ``make_agent`` reads from an env, for callers that hold no env object (the LeRobot plugin,
+    ``plugins/lerobot_policy_step``): one env's spaces and the batch width (None: unbatched observations)."""
+
+    observation_space: gym.spaces.Dict
+    action_space: gym.spaces.Box
+    num_envs: int | None = None
+
+
 def _single_spaces(env):
+    if isinstance(env, EnvSpaces):
+        return env.observation_space, env.action_space, env.num_envs
     if isinstance(env, gym.vector.VectorEnv):
         return env.single_observation_space, env.single_action_space, env.num_envs
     if hasattr(env, "num_envs") and hasattr(env, "step_async"):  # a stable-baselines3 VecEnv (agents/sb3.py)

@@ -2,9 +2,12 @@
 
 Timing is of one chunk inference (observation history -> normalised chunk: global condition,
 predictor for STEP, k denoiser calls, sampler updates), the part that differs between methods.
-Each method's block is preceded by its own NFE measurement, so ``ratio = median / (steps x NFE)`` is
-computed from numbers taken seconds apart on the same (possibly noisy, shared) machine. STEP is
-timed in steady state: every timed call has the previous call's chunk as its history.
+Each method's chunk calls are timed interleaved with its own bare NFE calls (``rounds`` alternating blocks of
+each, the first calls of every block untimed), so ``ratio = median / (steps x NFE)`` compares two medians taken
+under the same machine conditions: on a shared machine the speed drifts by 10-20 % within seconds, which a
+block of NFE calls followed by a block of chunk calls turned straight into the ratio. The NFE is the same
+runtime's bare denoiser call at the same batch and thread count (ONNX: ``unet.onnx`` in the agent's own session
+options). STEP is timed in steady state: every timed call has the previous call's chunk as its history.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from agents.predictor import Predictor, PredictorConfig
 class LatencyConfig:
     task: str = "pusht"
     methods: tuple[str, ...] = option(DEFAULT_METHODS, help="comma-separated method specs, e.g. ddim:2,step:2")
-    checkpoint: str | None = option(None, help="policy checkpoint; default: a fresh untrained backbone")
+    checkpoint: str | None = option(None, help="policy checkpoint (default: the task's committed checkpoint, see "
+                                               "agents/checkpoint.py:default_checkpoint; an untrained backbone if none)")
     predictor: str | None = option(None, help="predictor checkpoint (default <checkpoint>/predictor)")
-    preset: str = option("pusht_state", choices=PRESETS, help="backbone preset when no checkpoint is given")
+    preset: str | None = option(None, choices=PRESETS, help="time a fresh untrained backbone of this preset instead "
+                                                           "(default pusht_state when the task has no checkpoint)")
     calls: int = option(50, min=1, help="timed calls per method (>= 50 for reports)")
     warmup: int = option(5, min=0)
-    nfe_calls: int = option(100, min=1, help="timed bare denoiser calls before each method")
+    nfe_calls: int = option(100, min=1, help="timed bare denoiser calls per method (interleaved with its chunk calls)")
+    rounds: int = option(3, min=1, help="alternating blocks of NFE and chunk calls per method")
     threads: int = option(1, min=1, help="torch threads (fixed for the whole run)")
     runtime: tuple[str, ...] = option(("torch",), help="torch, onnx, or torch,onnx: every method in each runtime, "
                                       "side by side in one run (ONNX Runtime: intra-op threads = --threads)")
@@ -68,20 +74,49 @@ def _ms(samples: list[float]) -> dict:
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90))}
 
 
-def time_nfe(backbone: Backbone, history: dict, calls: int, warmup: int = 5) -> float:
-    """Median seconds of one bare denoiser call at batch 1."""
+def nfe_call(agent, history: dict):
+    """A zero-argument callable running one bare denoiser call of ``agent``'s runtime at its batch size."""
+    if hasattr(agent, "nfe_call"):  # ONNX Runtime: one unet.onnx call
+        return agent.nfe_call(history)
+    backbone = agent.backbone
     with torch.inference_mode():
         cond = backbone.global_cond(history)
-        x = torch.randn(1, *backbone.action_shape)
-        t = torch.tensor([backbone.cfg.num_train_timesteps // 2])
-        for _ in range(warmup):
+        x = torch.randn(cond.shape[0], *backbone.action_shape)
+        t = torch.full((cond.shape[0],), backbone.cfg.num_train_timesteps // 2, dtype=torch.long)
+
+    def call():
+        with torch.inference_mode():  # as agent.chunk runs
             backbone.denoise(x, t, cond)
-        samples = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            backbone.denoise(x, t, cond)
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return call
+
+
+def _warm(fn, calls: int, seconds: float) -> None:
+    """Untimed calls: ``calls`` of them or until ``seconds`` have passed, at least one."""
+    end = time.perf_counter() + seconds
+    for _ in range(max(calls, 1)):
+        fn()
+        if time.perf_counter() > end:
+            break
+
+
+def interleaved_medians(nfe, chunk, nfe_calls: int, calls: int, rounds: int, warmup_calls: int = 20,
+                        warmup_s: float = 0.1) -> tuple[float, list]:
+    """(median seconds of ``nfe()``, every timed ``chunk()`` in seconds) from ``rounds`` alternating blocks.
+
+    Each block starts with untimed calls (up to ``warmup_calls`` or ``warmup_s`` seconds): after a switch the
+    caches hold the other network's weights (the ONNX NFE and chunk graphs are separate sessions, each with its
+    own 17 MB copy of the U-Net), and on this class of machine the shared L3 takes ~20 calls to hold the new copy
+    again (measured: DDIM-1 / NFE 1.13 after one warm-up call per block, 1.045 after 20)."""
+    rounds = max(1, min(rounds, calls, nfe_calls))
+    nfe_samples, chunk_samples = [], []
+    for r in range(rounds):
+        for fn, n, out in ((nfe, nfe_calls, nfe_samples), (chunk, calls, chunk_samples)):
+            _warm(fn, warmup_calls, warmup_s)
+            for _ in range(n // rounds + (r < n % rounds)):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return statistics.median(nfe_samples), chunk_samples
 
 
 def count_nfe(agent, history: dict, calls: int) -> float:
@@ -112,18 +147,13 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
         agent = make_agent(spec, spaces, seed=cfg.seed, backbone=timing_backbone(spec, backbone), predictor_model=predictor,
                            **extra)
         steps = agent.cfg.steps  # step:0 runs no NFE
-        if hasattr(agent, "time_nfe"):  # this runtime's own one-NFE time (ONNX: one unet.onnx call)
-            nfe = agent.time_nfe(history, cfg.nfe_calls)
-        else:
-            nfe = time_nfe(agent.backbone, history, cfg.nfe_calls)
+        nfe_fn = nfe_call(agent, history)  # this runtime's own one-NFE call (ONNX: one unet.onnx call)
+        for _ in range(cfg.warmup):
+            nfe_fn()
         agent.reset()
         for _ in range(cfg.warmup):
             agent.chunk(history)
-        samples = []
-        for _ in range(cfg.calls):
-            t0 = time.perf_counter()
-            agent.chunk(history)
-            samples.append(time.perf_counter() - t0)
+        nfe, samples = interleaved_medians(nfe_fn, lambda: agent.chunk(history), cfg.nfe_calls, cfg.calls, cfg.rounds)
         latency = _ms(samples)
         # Per replan: the network calls (counted on untimed calls after the timed ones, in the same steady state)
         # and the actions it executes, so chunked (Ta per replan) and streaming (1 or 5) methods compare per action.

@@ -23,7 +23,16 @@ one-line error. ``step export --onnx`` writes the files beside a release checkpo
 agent needs a graph that is not there it exports it into a temporary folder for this process.
 
 Threads: ``intra_op_num_threads`` follows torch's thread count (1 for batch-1 latency), one inter-op thread,
-sequential execution, all graph optimisations.
+sequential execution, all graph optimisations. An agent's batch size is fixed for its life, so its sessions pin the
+graphs' symbolic ``batch`` axis to it: ORT then folds the shape arithmetic of every reshape, the attention scale and
+(in a chunk graph, whose timesteps are constants) the timestep embedding at load time (the predictor: 204 -> 116
+nodes; ``chunk_step_2``: 950 -> 781). The bare ``unet.onnx`` that ``step latency`` times as one NFE is opened the
+same way.
+
+The replan path runs no torch op besides the noise draws (which must come from the torch generators, to give the
+torch agent's noise) and one ``from_numpy`` of the chunk: feeds are numpy views, the stall detector's delta and
+(lam, sigma) are numpy, the noise is drawn into preallocated buffers. At batch 1 a dozen small torch ops between two
+ORT runs cost far more than their own few microseconds (measured: 0.1-0.4 ms per replan on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ from torch import Tensor, nn
 from agents.backbone import Backbone
 from agents.diffusion_agents import DiffusionAgent
 from agents.predictor import Predictor, shift_chunk
-from agents.samplers import DDIMSampler, ScheduleConfig, WarmStart, randn
+from agents.samplers import DDIMSampler, ScheduleConfig, WarmStart
+from agents.stall import StallDetector, chunk_delta
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
 
 ONNX_FORMAT = "step-onnx"
@@ -310,7 +320,8 @@ def export_onnx(checkpoint, out=None, methods=DEFAULT_EXPORT_METHODS) -> dict:
 
 
 # ----------------------------------------------------------------------------- runtime
-def session_options(threads: int):
+def session_options(threads: int, batch: int | None = None):
+    """CPU session options; ``batch``: pin the graphs' symbolic batch axis (the agent's fixed batch size)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -319,6 +330,8 @@ def session_options(threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if batch is not None:
+        so.add_free_dimension_override_by_name("batch", int(batch))
     return so
 
 
@@ -339,10 +352,11 @@ class OnnxGraphs:
     """The ONNX sessions of one agent: found in ``onnx_dir`` (checked against this policy) or exported."""
 
     def __init__(self, backbone: Backbone, predictor: Predictor | None, onnx_dir=None, threads: int | None = None,
-                 task: str | None = None):
+                 task: str | None = None, batch: int | None = None):
         self.exporter = OnnxExporter(backbone, predictor, task)
         self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
         self.threads = threads or torch.get_num_threads()
+        self.batch = batch  # None: the graphs' dynamic batch axis stays dynamic
         self.sessions: dict = {}
         self.inputs: dict[str, list[str]] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -387,7 +401,8 @@ class OnnxGraphs:
             import onnxruntime as ort
 
             path = self._path(name)
-            sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(path), session_options(self.threads, self.batch),
+                                        providers=["CPUExecutionProvider"])
             self.sessions[name] = sess
             self.inputs[name] = [i.name for i in sess.get_inputs()]
         return self.sessions[name]
@@ -397,7 +412,42 @@ class OnnxGraphs:
 
 
 def _np(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().numpy())
+    # Tensor.numpy() is a view, not a dispatched torch op (detach is); contiguous arrays pass through ascontiguousarray
+    return np.ascontiguousarray(x.detach().numpy() if x.requires_grad else x.numpy())
+
+
+class NumpyStallDetector(StallDetector):
+    """The StallDetector's decisions on the ONNX graph's numpy chunks: no torch op on the replan path.
+
+    Same delta (mean |A_t - A_{t-1}|, float32) and the same (lam, sigma) rule; ``delta`` stays a (B,) tensor (a view
+    of the numpy delta) for the readers of ``agent.stall`` (``step stall-sweep``)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.delta_np: np.ndarray | None = None
+
+    def update(self, prev, cur):
+        if prev is None:
+            self.delta_np = self.delta = None
+            return None
+        if self.cfg.align == "index":
+            self.delta_np = np.abs(np.asarray(cur) - np.asarray(prev)).mean(axis=(1, 2), dtype=np.float32)
+        else:  # "time" (an ablation): the torch definition, on views of the arrays
+            self.delta_np = chunk_delta(torch.from_numpy(np.asarray(prev)), torch.from_numpy(np.asarray(cur)),
+                                        self.shift, self.cfg.align).numpy()
+        self.delta = torch.from_numpy(self.delta_np)
+        return self.delta
+
+    def coefficients_into(self, lam: np.ndarray, sigma: np.ndarray) -> None:
+        """Write (lam, sigma) of the next warm start into the (B, 1, 1) float32 arrays ``lam`` and ``sigma``."""
+        cfg = self.cfg
+        if not cfg.enabled or self.delta_np is None:
+            lam.fill(cfg.lam)
+            sigma.fill(cfg.sigma)
+            return
+        stalled = self.delta_np < cfg.eps
+        lam[:, 0, 0] = np.where(stalled, cfg.lam_stall, cfg.lam)
+        sigma[:, 0, 0] = np.where(stalled, cfg.sigma_stall, cfg.sigma)
 
 
 class OnnxDiffusionAgent(DiffusionAgent):
@@ -410,42 +460,53 @@ class OnnxDiffusionAgent(DiffusionAgent):
         if cfg.method not in ("ddpm", "ddim", "dpmsolver", "step"):
             raise ValueError(f"The ONNX runtime serves ddpm, ddim, dpmsolver and step variants, not {cfg.method!r}.")
         super().__init__(backbone, cfg, action_space, batch_size=batch_size, predictor=predictor)
-        self.graphs = OnnxGraphs(backbone, predictor if cfg.method == "step" else None, onnx_dir, threads, task)
+        self.graphs = OnnxGraphs(backbone, predictor if cfg.method == "step" else None, onnx_dir, threads, task,
+                                 batch=self.rows)
         self.obs_names = obs_inputs(backbone)
         self.needed = graphs_for(cfg.method, cfg.steps, cfg.warm_source, cfg.first_call)
         for name in self.needed:  # open (or export) every session now, not in the first act()
             self.graphs.session(name)
         self.nfe_calls = 0  # network evaluations run so far (for `step latency`'s NFE count)
+        # Per-replan buffers: the noise draws (0: noise, 1: xi) land in one tensor whose numpy view is fed as it is
+        self._noise = torch.empty(2, self.rows, *backbone.action_shape)
+        self._noise_np = self._noise.numpy()
+        if cfg.method == "step":
+            self.stall = NumpyStallDetector(cfg.stall, shift=backbone.cfg.n_action_steps)
+            self._lam = np.ones((self.rows, 1, 1), np.float32)
+            self._sigma = np.zeros((self.rows, 1, 1), np.float32)
 
     # --- pieces
     def _obs_feeds(self, history: dict[str, Tensor]) -> dict[str, np.ndarray]:
-        return {name: _np(history[key] if key.startswith(IMAGE_PREFIX) else history[key].float())
-                for name, key in self.obs_names}
+        feeds = {}
+        for name, key in self.obs_names:
+            x = history[key]
+            if not key.startswith(IMAGE_PREFIX) and x.dtype != torch.float32:
+                x = x.float()
+            feeds[name] = _np(x)
+        return feeds
+
+    def _draw(self, index: int) -> np.ndarray:
+        """Noise draw ``index`` (0: noise, 1: xi) of this replan, row i from generator i: ``randn(shape, generators)``."""
+        buf = self._noise[index]
+        for row, g in enumerate(self.generators):
+            torch.randn(buf.shape[1:], generator=g, out=buf[row])
+        return self._noise_np[index]
 
     def _denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         self.nfe_calls += 1
         eps = self.graphs.run("unet", {"x": _np(x), "t": _np(t.to(torch.long)), "cond": _np(cond)})[0]
         return torch.from_numpy(eps)
 
-    def time_nfe(self, history: dict, calls: int, warmup: int = 5) -> float:
-        """Median seconds of one bare ``unet.onnx`` call at batch 1 (this runtime's one NFE)."""
-        import statistics
-        import time
-
+    def nfe_call(self, history: dict):
+        """A zero-argument callable running one bare ``unet.onnx`` call at this agent's batch (this runtime's one
+        NFE, in the same session options as the chunk graphs)."""
         cond = self.graphs.run("encoder", self._obs_feeds(history))[0] if "encoder" in self.needed else None
         if cond is None:
             cond = _np(self.backbone.global_cond(history))
         feeds = {"x": np.random.default_rng(0).standard_normal((cond.shape[0], *self.backbone.action_shape)).astype(np.float32),
                  "t": np.full((cond.shape[0],), self.backbone.cfg.num_train_timesteps // 2, dtype=np.int64), "cond": cond}
         sess = self.graphs.session("unet")
-        for _ in range(warmup):
-            sess.run(None, feeds)
-        samples = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+        return lambda: sess.run(None, feeds)
 
     # --- one chunk
     def _infer(self, history: dict[str, Tensor]) -> tuple[Tensor, np.ndarray]:
@@ -461,30 +522,30 @@ class OnnxDiffusionAgent(DiffusionAgent):
                 actions = self.backbone.unnormalize_action(chunk[:, start : start + pc.n_action_steps])
             return chunk, actions.numpy()
         if cfg.method == "ddim":
-            feeds["noise"] = _np(randn(shape, self.generators))
+            feeds["noise"] = self._draw(0)
             chunk, actions = self.graphs.run(graph_name("ddim", cfg.steps), feeds)
             self.nfe_calls += cfg.steps
             return torch.from_numpy(chunk), actions
-        # STEP: the torch agent's plan(), with the chunk computation in one graph
+        # STEP: the torch agent's plan(), with the chunk computation in one graph and the stall detector in numpy
         prev, source = self.prev_chunk, cfg.warm_source
+        prev_np = None if prev is None else _np(prev)
         if prev is None and (cfg.first_call == "noise" or source == "temporal") and cfg.steps:
-            feeds["noise"] = _np(randn(shape, self.generators))
+            feeds["noise"] = self._draw(0)
             name = graph_name("ddim", cfg.steps)
         else:
             noprev = source == "spatial" or (source == "predictor" and prev is None)
             name = graph_name("step" if source != "temporal" else "step-temporal", cfg.steps, noprev=noprev)
             if not noprev:
-                feeds["prev"] = _np(prev)
+                feeds["prev"] = prev_np
             if cfg.steps:
-                lam, sigma, _ = self.stall.coefficients(self.rows)
-                feeds["noise"] = _np(randn(shape, self.generators))
-                feeds["xi"] = _np(randn(shape, self.generators))  # drawn at every warm start, as the torch agent
-                feeds["lam"] = _np(lam.float())
-                feeds["sigma"] = _np(sigma.float())
+                self.stall.coefficients_into(self._lam, self._sigma)
+                feeds["noise"] = self._draw(0)
+                feeds["xi"] = self._draw(1)  # drawn at every warm start, as the torch agent
+                feeds["lam"], feeds["sigma"] = self._lam, self._sigma
         out, actions = self.graphs.run(name, feeds)
         self.nfe_calls += cfg.steps
+        self.stall.update(prev_np, out)
         chunk = torch.from_numpy(out)
-        self.stall.update(prev, chunk)
         self.prev_chunk = chunk
         return chunk, actions
 

@@ -16,5 +16,9 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[pusht,robomimic,hardware,dev]"
+.venv/bin/python -m pip install -q -e ".[pusht,robomimic,maniskill,hardware,dev]"
+# The LeRobot policy plugin (a `step` policy type for lerobot-eval / lerobot-rollout), a local distribution of its own.
+.venv/bin/python -m pip install -q -e plugins/lerobot_policy_step
+# ManiSkill (SAPIEN) needs a Vulkan device: Mesa 25 lavapipe into .vendor/lavapipe (idempotent, ~11 MB).
+bash scripts/fetch_lavapipe.sh || echo "warning: no lavapipe fetched; step/StackCube-v0 needs a Vulkan driver (see scripts/fetch_lavapipe.sh)" >&2
 echo "environment ready: source .venv/bin/activate"

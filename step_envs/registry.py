@@ -41,6 +41,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     _robomimic("square", "Square", 400),
     _robomimic("transport", "Transport", 700),
     _robomimic("toolhang", "ToolHang", 700),
+    # ManiSkill3 StackCube-v1 (step_envs/maniskill.py), 20 Hz; 200 steps (ManiSkill's 50 is an RL budget).
+    TaskSpec(name="stackcube", env_id="step/StackCube-v0", entry_point="step_envs.maniskill:ManiSkillStackCubeEnv",
+             max_episode_steps=200, fps=20),
     _so101("pickplace", "PickPlace", real=False),
     _so101("stackcube", "StackCube", real=False),
     _so101("pickplace", "PickPlace", real=True),

@@ -259,3 +259,16 @@ def test_cli_refuses_a_checkpoint_of_another_task(tiny_checkpoint, capsys, tmp_p
     assert main(["analyze", "lipschitz", "--tasks", "lift", "--checkpoint", str(tiny_checkpoint),
                  "--out", str(tmp_path), "--no-progress"]) == 2
     assert "trained for task 'pusht', not 'lift'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(windows=0), "--windows must be at least 1"),
+    (dict(spread_samples=1), "--spread-samples must be at least 2"),
+    (dict(tasks=("nope",)), "nope"),
+    (dict(seed_start=99_990), "evaluation block"),
+    (dict(methods=("ddim:x",)), "ddim:x"),
+])
+def test_bad_analyze_config_is_refused_when_made(bad, message):
+    # validation lives in AnalyzeConfig.__post_init__: a bad value never reaches a run
+    with pytest.raises(ValueError, match=message):
+        A.AnalyzeConfig(**bad)

@@ -26,6 +26,20 @@ def tiny_checkpoint(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("onnx_ckpt") / "policy")
 
 
+PARITY_SPECS = ("ddim:2", "step:2", "step:1", "step:0", "step-spatial:2", "step-temporal:2", "dpmsolver:2")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """Every graph the parity tests run, exported once (an export costs seconds; an agent reads the files in ms).
+    An agent's own export path is covered by the tests that pass no onnx_dir (DDPM, the closed-loop episode)."""
+    from agents.onnx_runtime import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx_graphs")
+    export_onnx(tiny_checkpoint, out, methods=PARITY_SPECS)
+    return out
+
+
 @pytest.fixture(scope="module")
 def env():
     from step_envs.registry import make_env
@@ -40,10 +54,10 @@ def _chunks(agent, history, calls=3):
     return [agent.chunk(history).clone() for _ in range(calls)]  # STEP: calls 2.. warm-start from the last chunk
 
 
-@pytest.mark.parametrize("spec", ["ddim:2", "step:2", "step:1", "step:0", "step-spatial:2", "step-temporal:2", "dpmsolver:2"])
-def test_onnx_chunks_match_torch(tiny_checkpoint, env, spec, tmp_path):
+@pytest.mark.parametrize("spec", PARITY_SPECS)
+def test_onnx_chunks_match_torch(tiny_checkpoint, exported, env, spec):
     torch_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3)
-    onnx_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3, runtime="onnx", onnx_dir=str(tmp_path))
+    onnx_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3, runtime="onnx", onnx_dir=str(exported))
     assert type(onnx_agent).__name__ == "OnnxDiffusionAgent"
     history = _random_history(torch_agent.backbone, torch.Generator().manual_seed(1))
     a, b = _chunks(torch_agent, history), _chunks(onnx_agent, history)
@@ -52,8 +66,38 @@ def test_onnx_chunks_match_torch(tiny_checkpoint, env, spec, tmp_path):
         assert torch.allclose(x, y, atol=ATOL), f"{spec}: max diff {(x - y).abs().max():.2e}"
     # the chunks really depend on the noise: another seed gives another chunk (not for step:0, which has none)
     if spec != "step:0":
-        other = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=4, runtime="onnx", onnx_dir=str(tmp_path))
+        other = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=4, runtime="onnx", onnx_dir=str(exported))
         assert not torch.allclose(_chunks(other, history, 1)[0], a[0], atol=1e-3)
+    assert onnx_agent.graphs._tmp is None  # every graph came from the shared folder, none re-exported
+
+
+@pytest.mark.parametrize("eps", [1e9, 0.0, None])  # always stalled, never stalled, a threshold among the deltas
+def test_onnx_stall_detector_matches_torch(tiny_checkpoint, exported, env, eps):
+    """The ONNX agent's numpy stall detector: same deltas, same (lam, sigma) switch, same chunks as the torch agent."""
+    history = _random_history(make_agent("ddim:1", env, checkpoint=str(tiny_checkpoint)).backbone,
+                              torch.Generator().manual_seed(6))
+    if eps is None:  # the median delta of an undisturbed run: a threshold inside the range the deltas take
+        probe = make_agent("step:2", env, checkpoint=str(tiny_checkpoint), seed=2, stall={"sigma_stall": 0.5, "eps": 0.0})
+        probe.reset()
+        deltas = []
+        for _ in range(5):
+            probe.chunk(history)
+            if probe.stall.delta is not None:
+                deltas.append(float(probe.stall.delta[0]))
+        eps = float(np.median(deltas))
+    stall = {"eps": eps, "sigma_stall": 0.5, "lam_stall": 0.8}
+    agents = [make_agent("step:2", env, checkpoint=str(tiny_checkpoint), seed=2, stall=stall, runtime=runtime,
+                         onnx_dir=str(exported)) for runtime in ("torch", "onnx")]
+    fired = []
+    for agent in agents:
+        agent.reset()
+        fired.append([])
+        for _ in range(5):
+            fired[-1].append(bool(agent.stall.stalled(1)[0]))
+            agent.chunk(history)
+    assert fired[0] == fired[1]
+    torch.testing.assert_close(agents[1].stall.delta, agents[0].stall.delta, atol=1e-5, rtol=0)
+    assert torch.allclose(agents[0].prev_chunk, agents[1].prev_chunk, atol=ATOL)
 
 
 def test_onnx_ddpm_matches_torch(tiny_checkpoint, env):
@@ -82,19 +126,21 @@ def test_onnx_agent_acts_like_torch_agent_in_env(tiny_checkpoint, env):
         np.testing.assert_allclose(actions[0], actions[1], atol=0.05)  # pixels on a 512 px board
 
 
-def test_onnx_batch_agent(tiny_checkpoint):
+def test_onnx_batch_agent(tiny_checkpoint, exported):
     """A VectorEnv batch runs through the same graphs (dynamic batch axis); row i equals a single agent seeded i."""
     from step_envs.registry import make_env
 
     venv = make_env("pusht", obs_type="state", num_envs=2)
     single = make_env("pusht", obs_type="state")
     try:
-        batch_agent = make_agent("step:2", venv, checkpoint=str(tiny_checkpoint), seed=0, runtime="onnx")
+        batch_agent = make_agent("step:2", venv, checkpoint=str(tiny_checkpoint), seed=0, runtime="onnx",
+                                 onnx_dir=str(exported))
         obs, _ = venv.reset(seed=[20, 21])
         batch_agent.reset()
         batch_actions = batch_agent.act(obs)
         assert batch_actions.shape == (2, 2)
-        row_agent = make_agent("step:2", single, checkpoint=str(tiny_checkpoint), seed=1, runtime="onnx")
+        row_agent = make_agent("step:2", single, checkpoint=str(tiny_checkpoint), seed=1, runtime="onnx",
+                               onnx_dir=str(exported))
         obs1, _ = single.reset(seed=21)
         row_agent.reset()
         np.testing.assert_allclose(row_agent.act(obs1), batch_actions[1], atol=1e-3)
@@ -116,6 +162,14 @@ def test_export_onnx_writes_files_with_metadata(tiny_checkpoint, tmp_path):
     assert meta["inputs"] == ["state", "env_state", "prev", "noise", "xi", "lam", "sigma"]
 
 
+def _copy_graphs(exported, folder, names=("unet", "chunk_ddim_2")) -> None:
+    """The files DDIM-2 reads, copied from the shared export (the tests below tamper with them)."""
+    import shutil
+
+    for name in names:
+        shutil.copy(exported / f"{name}.onnx", folder / f"{name}.onnx")
+
+
 def _set_metadata(path, key: str, value) -> None:
     """Rewrite one metadata field of an exported ONNX file (to fake a file from another policy or task)."""
     import onnx
@@ -127,11 +181,9 @@ def _set_metadata(path, key: str, value) -> None:
     onnx.save(model, str(path))
 
 
-def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
+def test_foreign_onnx_file_is_refused(tiny_checkpoint, exported, env, tmp_path):
     """An ONNX file of another policy (or graph) in onnx_dir: a one-line ValueError naming the file."""
-    from agents.onnx_runtime import export_onnx
-
-    export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:2",))
+    _copy_graphs(exported, tmp_path)
     _set_metadata(tmp_path / "chunk_ddim_2.onnx", "policy_digest", "0123456789abcdef")
     with pytest.raises(ValueError, match="another policy") as err:
         make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
@@ -142,13 +194,11 @@ def test_foreign_onnx_file_is_refused(tiny_checkpoint, env, tmp_path):
         make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
 
 
-def test_onnx_file_for_another_task_is_refused(tiny_checkpoint, env, tmp_path):
-    from agents.onnx_runtime import export_onnx
-
-    export_onnx(tiny_checkpoint, tmp_path, methods=("ddim:1",))
-    _set_metadata(tmp_path / "chunk_ddim_1.onnx", "task", "lift")
+def test_onnx_file_for_another_task_is_refused(tiny_checkpoint, exported, env, tmp_path):
+    _copy_graphs(exported, tmp_path)
+    _set_metadata(tmp_path / "chunk_ddim_2.onnx", "task", "lift")
     with pytest.raises(ValueError, match="exported for task 'lift', not 'pusht'"):
-        make_agent("ddim:1", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
+        make_agent("ddim:2", env, checkpoint=str(tiny_checkpoint), runtime="onnx", onnx_dir=str(tmp_path))
 
 
 def test_unknown_runtime_refused(tiny_checkpoint, env):

@@ -14,23 +14,30 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from agents.checkpoint import find_predictor, load_policy, load_predictor
+    from agents.checkpoint import default_checkpoint, find_predictor, load_policy, load_predictor
     from agents.factory import needs_predictor
     from step_envs.registry import make_env
 
     cfg = config_from_args(LatencyConfig, args)
     note = None
-    if cfg.checkpoint:
-        backbone, config = load_policy(cfg.checkpoint, task=cfg.task)
+    checkpoint = cfg.checkpoint
+    if checkpoint is None and cfg.preset is None:  # the task's committed checkpoint (trained weights), as `step bench`
+        try:
+            checkpoint = str(default_checkpoint(cfg.task))
+        except FileNotFoundError:
+            checkpoint = None
+    if checkpoint:
+        backbone, config = load_policy(checkpoint, task=cfg.task)
         env = make_env(cfg.task, obs_type=config["obs_type"])
         action_space = env.action_space
         env.close()
     else:
-        backbone, action_space = default_backbone(cfg.task, cfg.preset)
-        note = f"untrained {cfg.preset} backbone (timing only)"
+        preset = cfg.preset or "pusht_state"
+        backbone, action_space = default_backbone(cfg.task, preset)
+        note = f"untrained {preset} backbone (timing only)"
     predictor = None
     if any(needs_predictor(m) for m in cfg.methods):  # step, step-spatial, step:0 (not step-temporal)
-        path = cfg.predictor or (find_predictor(cfg.checkpoint) if cfg.checkpoint else None)
+        path = cfg.predictor or (find_predictor(checkpoint) if checkpoint else None)
         if path:
             predictor, _ = load_predictor(path, backbone)
         else:
@@ -42,7 +49,8 @@ def run(args) -> int:
         print(f"note: {note}")
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps({"task": cfg.task, "threads": cfg.threads, "calls": cfg.calls,
+        Path(cfg.json).write_text(json.dumps({"task": cfg.task, "checkpoint": checkpoint, "threads": cfg.threads,
+                                              "calls": cfg.calls,
                                               "runtimes": list(cfg.runtime), "note": note, "rows": rows,
                                               "runtime_comparison": runtime_comparison(rows)}, indent=2))
     return 0

@@ -1,7 +1,8 @@
 """Scripted experts that make demonstrations here (no dataset can be downloaded on these machines).
 
-One module per simulator: ``pusht`` (gym-pusht's pymunk sim), ``robomimic`` (robosuite Lift .. ToolHang) and
-``so101`` (the SO-101 MuJoCo twin). Measure one with ``step eval --task T --agent expert --episodes 50``.
+One module per simulator: ``pusht`` (gym-pusht's pymunk sim), ``robomimic`` (robosuite Lift .. ToolHang),
+``maniskill`` (ManiSkill3 StackCube) and ``so101`` (the SO-101 MuJoCo twin). Measure one with
+``step eval --task T --agent expert --episodes 50``.
 ``make_expert(task, env)`` returns an agent (``reset()`` / ``act(obs)``) that reads the true simulator
 state of ``env``, a single env or a synchronous VectorEnv (one expert per sub-env).
 """
@@ -54,4 +55,8 @@ def make_expert(task: str, env, seed: int = 0) -> ExpertAgent:
         from agents.experts.robomimic import make_robomimic_expert
 
         return ExpertAgent([make_robomimic_expert(task, e.unwrapped) for e in envs], batched)
+    if task == "stackcube":
+        from agents.experts.maniskill import StackCubeExpert
+
+        return ExpertAgent([StackCubeExpert(e.unwrapped) for e in envs], batched)
     raise ValueError(f"No scripted expert for task {task!r}.")
