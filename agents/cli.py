@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-robomimic": ("agents.commands.import_robomimic", "import a RoboMimic hdf5 dataset as a LeRobotDataset"),
     "train-policy": ("agents.commands.train_policy", "train the diffusion backbone (resumable, EMA, rollout score)"),
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
+    "train-baseline": ("agents.commands.train_baseline", "distil the DDPM backbone into Consistency Policy (cp:k) "
+                                                         "or OneDP (onedp)"),
     "train-bench": ("agents.commands.train_bench", "training samples/s over precision x threads x batch size"),
     "export": ("agents.commands.export", "copy a trained policy + predictor to a small release folder (float16)"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),

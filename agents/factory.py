@@ -93,7 +93,12 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
 
     if name in PEER_METHODS:
         return make_peer_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
-    raise ValueError(f"Unknown method {name!r}. Known: expert, random, leader, {', '.join(DIFFUSION_METHODS + PEER_METHODS)}.")
+    from agents.distill import DISTILLED_METHODS, make_distilled_agent  # Consistency Policy, OneDP (issue 15)
+
+    if name in DISTILLED_METHODS:
+        return make_distilled_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
+    raise ValueError(f"Unknown method {name!r}. Known: expert, random, leader, "
+                     f"{', '.join(DIFFUSION_METHODS + PEER_METHODS + DISTILLED_METHODS)}.")
 
 
 DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver", "step", "step-spatial", "step-temporal")

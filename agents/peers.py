@@ -38,9 +38,11 @@ def streaming_backbone(method: str, checkpoint, task, features):
 def timing_backbone(spec: str, backbone):
     """For latency only: a streaming spec on a chunk backbone is timed on a per-position copy of it (the same
     network plus the per-position timestep mixer: the same cost, untrained weights for the mixer)."""
+    from agents.distill import copy_for_timing
     from agents.factory import parse_method
     from agents.per_position import enable_per_position, has_per_position
 
+    backbone = copy_for_timing(parse_method(spec)[0], backbone)  # cp / onedp without their checkpoint (issue 15)
     if parse_method(spec)[0] in ("sdp", "rnrdp") and not has_per_position(backbone):
         backbone = copy.deepcopy(backbone)
         enable_per_position(backbone)

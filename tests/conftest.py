@@ -6,6 +6,16 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread in every test: the tiny test models gain nothing from a second one, and on a loaded machine
+    OpenMP threads spin-wait, which doubled the CPU time of the heaviest tests. Set before each test because a run
+    with ``threads=0`` (every core) leaves torch at that count; commands that pick their own count still do."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def scripted_episodes(num_episodes: int = 4, steps: int = 40, seed: int = 0):
     """Smooth demonstrations: the pusher moves toward the T block's centre with a slow circular offset."""
     import step_envs  # noqa: F401  (registers the ids)

@@ -21,7 +21,7 @@ def stream_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path_factory):
     shutil.copytree(tiny_checkpoint, root)
     train_policy(TrainPolicyConfig(dataset=str(tiny_dataset), out=str(root / "streaming"), preset="tiny", steps=4,
                                    batch_size=8, warmup_steps=1, log_every=2, save_every=4, eval_every=0,
-                                   noise_mode="streaming", init_from=str(tiny_checkpoint), progress=False))
+                                   noise_mode="streaming", init_from=str(tiny_checkpoint), threads=1, progress=False))
     return root
 
 

@@ -37,10 +37,29 @@ def test_expert_succeeds(task, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task, seed", [("square", 0), ("transport", 0)])
+@pytest.mark.parametrize("task, seed", [("square", 0), ("transport", 0), ("transport", 4), ("toolhang", 0)])
 def test_slow_expert_succeeds(task, seed):
     success, _ = run_expert(task, seed)
     assert success
+
+
+def test_arm_kinematics_round_trip():
+    """ToolHang's planner: IK from the home posture reaches the pose of another configuration, within the joint
+    limits, and leaves the sim's own state alone."""
+    from agents.experts.robomimic import ArmKinematics
+
+    env = make_env("toolhang", obs_type="state")
+    env.reset(seed=0)
+    sim_env = env.unwrapped.sim_env
+    kin = ArmKinematics(sim_env)
+    before = sim_env.sim.data.qpos.copy()
+    pos, rot = kin.fk(kin.home + np.array([0.3, -0.2, 0.2, 0.3, -0.2, -0.3, 0.4]))
+    q, reached = kin.ik(pos, rot, kin.home)
+    assert reached
+    np.testing.assert_allclose(kin.fk(q)[0], pos, atol=3e-3)
+    assert kin.margin(q) >= 0
+    np.testing.assert_array_equal(sim_env.sim.data.qpos, before)
+    env.close()
 
 
 def test_toolhang_expert_stands_the_frame_in_its_mount():

@@ -10,8 +10,9 @@ hand. "Down" poses are Rz(yaw) @ DOWN, where DOWN points the hand at the table w
 world y (the Panda's pose at reset); yaw then sets the closing axis to (-sin yaw, cos yaw).
 
 Lift, Can and Square are phase machines; Transport runs one generator per arm (a waypoint sequence as
-straight-line code) that synchronise at the handover. ToolHang stands the frame in its mount reliably; hanging
-the tool is scripted (threading the hole over the hook's upright end, pitched) but does not succeed yet.
+straight-line code) that synchronise at the handover. ToolHang is a phase machine that also plans: the frame's
+yaw and the tool's grasp are chosen from IK solutions of the poses they lead to (``ArmKinematics``), and the
+two large reorientations (back to the home posture after the frame, turning the tool) go through joint space.
 
 Measure: ``step eval --task square --agent expert --episodes 50``.
 """
@@ -390,15 +391,29 @@ class TransportExpertConfig:
     open_steps: int = 10
     lid_drop_xy: tuple[float, float] = (-0.2, -0.45)  # free spot on robot0's table for the lid
     lid_release_z: float = 1.02
-    # Both hands work at the edge of their reach over the gap between the tables: hold the handle symmetric
-    # about its centre, as close as the two hands allow (nearer than 12 cm they collide).
-    grasp_offset0: float = 0.06  # robot0 holds the handle this far from the hammer's centre, on its own side
-    grasp_offset1: float = 0.06  # robot1 takes the handle this far from the centre, on its side
-    pick_attempts: int = 3  # robot0 re-grasps the hammer when it did not come up with the hand
-    handover_xy: tuple[float, float] = (0.0, 0.0)  # hammer centre during the handover (between the tables)
-    handover_z: float = 1.04  # about the grip-site height of longest reach (wrist centre at shoulder height)
-    release_z: float = 1.0  # hand height when letting go over a bin
-    retreat_y: float = 0.3  # robot1 pulls the hammer back to this y before turning to the target bin
+    # The hammer (49 g, its centre of mass 5.3 cm from the handle's centre towards the head) turns about the
+    # fingers' closing axis when held far from that centre: each hand holds the handle as near to it as the other
+    # hand allows.
+    grasp_gap: float = 0.10  # between the two hands along the handle at the handover (hands leaning apart)
+    handle_reach: float = 0.085  # |grasp| from the handle's centre: its ends are at 0.1, the head beyond one
+    hold_distance: float = 0.03  # grip site to the handle's axis while holding it
+    min_grip_width: float = 0.01  # finger opening while holding the 3 cm handle (0.03; empty and closed: 0)
+    lift_speed: float = 0.3  # position action while lifting the hammer: a jerk swings it in the grasp
+    attempts: int = 3  # grasps per arm before giving up
+    # Handover: the two grasp points either side of the gap between the tables. robot1's hand leans towards
+    # robot0 so that its wrist stays back: upright, it reaches there at full stretch (the elbow on its stop),
+    # where the OSC cannot pull the hand back. robot0 stays upright: leaning would tilt the handle it holds.
+    handover_x: float = 0.0
+    handover_z: float = 1.04  # about the grip-site height of longest reach (wrist centre near shoulder height)
+    handover_tilt: float = 0.5  # radians from vertical, robot1's hand towards robot0
+    approach_speed: float = 0.4  # position action of robot1's last approach (no overshoot into the stretch)
+    robot1_wait_y: float = 0.3  # robot1 waits here (arm bent, out of robot0's way) for the handover
+    # robot1 carries the hammer (which may hang from its grasp) with its lowest point above the bins' rims
+    # (0.96) and lets go with it this high, over the target bin.
+    clear_z: float = 1.0
+    release_low_z: float = 0.88
+    trash_release_z: float = 1.0  # hand height when letting go of the trash over its bin
+    bin_margin: float = 0.08  # the hammer's centre of mass this far inside the target bin's walls to let go
     move_timeout: int = 120
 
 
@@ -407,7 +422,8 @@ class TransportExpert:
     the trash cube to the trash bin, then takes the hammer and drops it into the target bin.
 
     Each arm runs a generator that yields its 7-d action per step (straight-line code for a waypoint
-    sequence); the two synchronise through flags at the handover.
+    sequence); the two synchronise through flags at the handover. A grasp is checked (fingers apart and
+    around the handle) before anything relies on it; a hammer dropped on an arm's own table is picked up again.
     """
 
     def __init__(self, env, config: TransportExpertConfig | None = None):
@@ -422,6 +438,8 @@ class TransportExpert:
     def reset(self) -> None:
         self._arms: list[Arm] | None = None
         self.flags: set[str] = set()
+        self.log: list[tuple[str, int]] = []  # (event, episode step): where episodes go wrong
+        self.t = 0
         self._scripts = None
 
     def arm(self, i: int) -> Arm:
@@ -433,6 +451,7 @@ class TransportExpert:
         if self._scripts is None:
             self._scripts = [self._robot0(), self._robot1()]
             self._last = [np.zeros(7, np.float32), np.zeros(7, np.float32)]
+        self.t += 1
         actions = []
         for i, script in enumerate(self._scripts):
             try:
@@ -442,9 +461,19 @@ class TransportExpert:
             actions.append(self._last[i])
         return np.clip(np.concatenate(actions), -1.0, 1.0).astype(np.float32)
 
+    def event(self, name: str) -> None:
+        self.flags.add(name)
+        self.log.append((name, self.t))
+
     # ---------------------------------------------------------------- primitives (generators)
-    def _move(self, i, target_fn, yaw, gripper, tolerance=None, timeout=None):
-        """Drive arm i to target_fn() (re-evaluated every step) with the hand down at ``yaw``."""
+    def _hand_rot(self, i, yaw, tilt=0.0):
+        """The hand down at ``yaw``, leaning ``tilt`` radians towards the other arm (robot0 +y, robot1 -y): a turn
+        about world x, i.e. about the closing axis when the fingers close across a handle that runs along y."""
+        toward = 1.0 if i == 0 else -1.0
+        return Rotation.from_rotvec([toward * tilt, 0.0, 0.0]).as_matrix() @ rot_z(yaw) @ DOWN
+
+    def _move(self, i, target_fn, yaw, gripper, tolerance=None, timeout=None, tilt=0.0, speed=1.0):
+        """Drive arm i to target_fn() (re-evaluated every step) with the hand at (yaw, tilt)."""
         c, arm = self.config, self.arm(i)
         tolerance = tolerance or c.tolerance
         last, still = arm.pos(), 0
@@ -456,15 +485,17 @@ class TransportExpert:
             if still >= 8:  # blocked (table, bin floor, reach): stop here
                 return
             last = arm.pos()
-            yield arm.action(target, rot_z(yaw) @ DOWN, gripper)
+            action = arm.action(target, self._hand_rot(i, yaw, tilt), gripper)
+            action[:3] = np.clip(action[:3], -speed, speed)
+            yield action
 
-    def _wait(self, i, steps, yaw, gripper, until=None):
+    def _wait(self, i, steps, yaw, gripper, until=None, tilt=0.0):
         arm = self.arm(i)
         hold = arm.pos()
         count = 0
         while (until is None and count < steps) or (until is not None and until not in self.flags):
             count += 1
-            yield arm.action(hold, rot_z(yaw) @ DOWN, gripper)
+            yield arm.action(hold, self._hand_rot(i, yaw, tilt), gripper)
 
     def _square_yaw(self, i, direction_yaw, period):
         """The yaw congruent to direction_yaw (mod period) closest to the arm's current yaw."""
@@ -474,17 +505,100 @@ class TransportExpert:
     def _body(self, name):
         return np.array(self.sim_env.sim.data.get_body_xpos(name))
 
+    # ---------------------------------------------------------------- the hammer
     def _hammer(self):
-        """Hammer centre and its handle axis turned to point at robot1 (+y)."""
+        """Handle centre, the handle's axis turned to point at robot1 (+y), and where the centre of mass is
+        along that axis (the head makes it heavy on one side)."""
+        model = self.sim_env.sim.model
         xmat = np.array(self.sim_env.sim.data.get_body_xmat("payload_root")).reshape(3, 3)
-        axis = xmat[:, 2] * (1.0 if xmat[1, 2] >= 0 else -1.0)
-        return self._body("payload_root"), axis
+        sign = 1.0 if xmat[1, 2] >= 0 else -1.0
+        com = float(model.body_ipos[model.body_name2id("payload_root")][2])  # along the body's z (the handle)
+        return self._body("payload_root"), sign * xmat[:, 2], sign * com
+
+    def _handle_point(self, s: float) -> np.ndarray:
+        centre, axis, _ = self._hammer()
+        return centre + s * axis
+
+    def _along_handle(self, i) -> float:
+        """Where arm i's grip site is along the handle (signed, from its centre, towards robot1)."""
+        centre, axis, _ = self._hammer()
+        return float((self.arm(i).pos() - centre) @ axis)
+
+    def _holding(self, i) -> bool:
+        """Arm i has the handle between its fingers: fingers stopped apart, grip site on the handle."""
+        centre, axis, _ = self._hammer()
+        rel = self.arm(i).pos() - centre
+        s = float(np.clip(rel @ axis, -0.1, 0.1))
+        robot = self.sim_env.robots[i]
+        fingers = self.sim_env.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
+        return bool(np.linalg.norm(rel - s * axis) < self.config.hold_distance
+                    and fingers[0] - fingers[1] > self.config.min_grip_width)
+
+    def _handover_grasps(self) -> tuple[float, float]:
+        """Where robot0 and robot1 hold the handle at the handover: grasp_gap apart, straddling the centre of
+        mass as evenly as the handle allows."""
+        c = self.config
+        _, _, com = self._hammer()
+        s0 = float(np.clip(com - c.grasp_gap / 2, -c.handle_reach, c.handle_reach - c.grasp_gap))
+        return s0, s0 + c.grasp_gap
+
+    def _lowest(self) -> float:
+        """Height of the hammer's lowest end (it may hang steeply from one hand)."""
+        centre, axis, _ = self._hammer()
+        return float(min((centre + e * axis)[2] for e in (-0.13, 0.13)))
+
+    # ---------------------------------------------------------------- shared steps
+    def _pick(self, i, s_fn):
+        """Take the handle at s_fn() from above (hand down, fingers across it) and lift it slowly to the carry
+        height. Returns the hand's yaw; opens again if the hammer did not come up with the hand."""
+        c, arm = self.config, self.arm(i)
+        _, axis, _ = self._hammer()
+        yaw = self._square_yaw(i, np.arctan2(axis[1], axis[0]), np.pi)
+        grasp = lambda: self._handle_point(s_fn())  # noqa: E731
+        yield from self._move(i, lambda: [*grasp()[:2], c.carry_z], yaw, OPEN)  # above the bin's rim first
+        yield from self._move(i, lambda: grasp() - [0, 0, 0.005], yaw, OPEN, tolerance=0.006)
+        yield from self._wait(i, c.close_steps, yaw, CLOSE)
+        yield from self._move(i, lambda: [*arm.pos()[:2], c.carry_z], yaw, CLOSE, speed=c.lift_speed)
+        if not self._holding(i):
+            self.event(f"robot{i}_missed_hammer")
+            yield from self._wait(i, c.open_steps, yaw, OPEN)
+        return yaw
+
+    def _reachable(self, i) -> bool:
+        """The hammer lies on arm i's own table (a drop between the tables is lost)."""
+        centre, _, _ = self._hammer()
+        return bool(centre[2] > 0.75 and (centre[1] < -0.15 if i == 0 else centre[1] > 0.15))
 
     # ---------------------------------------------------------------- the two arms
     def _robot0(self):
         c, arm = self.config, self.arm(0)
+        yield from self._remove_lid()
+        for _ in range(c.attempts):
+            if not self._reachable(0):
+                return  # fell between the tables (or onto robot1's side): nothing robot0 can do
+            yaw = yield from self._pick(0, lambda: self._handover_grasps()[0])
+            if not self._holding(0):
+                continue
+            yaw = yield from self._to_handover(yaw)
+            if self._holding(0):
+                break
+            self.event("robot0_dropped_hammer")
+            yield from self._wait(0, c.open_steps, yaw, OPEN)
+        else:
+            return  # out of attempts
+        self.event("hammer_at_handover")
+        yield from self._wait(0, 0, yaw, CLOSE, until="robot1_holds_hammer")
+        yield from self._wait(0, c.open_steps, yaw, OPEN)
+        # Straight up first (sideways the open fingers would drag the handle), then away.
+        out = arm.pos() + [0, 0, 0.1]
+        yield from self._move(0, lambda: out, yaw, OPEN)
+        yield from self._move(0, lambda: out + [0, -0.1, 0.05], yaw, OPEN)
+        self.event("robot0_clear")
+
+    def _remove_lid(self):
+        c, arm = self.config, self.arm(0)
         up = np.array([0.0, 0.0, c.approach_height])
-        # 1. the lid: its handle runs along the lid's y axis, so close the fingers along its x axis
+        # the lid's handle runs along the lid's y axis, so close the fingers along its x axis
         lid = "transport_start_bin_lid_root"
         handle = lambda: np.array(self.sim_env.transport.lid_handle_pos)  # noqa: E731
         lid_x = np.array(self.sim_env.sim.data.get_body_xmat(lid)).reshape(3, 3)[:, 0]
@@ -497,40 +611,47 @@ class TransportExpert:
         yield from self._move(0, lambda: [*c.lid_drop_xy, c.lid_release_z], yaw, CLOSE)
         yield from self._wait(0, c.open_steps, yaw, OPEN)
         yield from self._move(0, lambda: [*c.lid_drop_xy, c.carry_z], yaw, OPEN)
-        # 2. the hammer, held by the handle on robot0's side, fingers across the handle
-        grasp = lambda: self._hammer()[0] - c.grasp_offset0 * self._hammer()[1]  # noqa: E731
-        for _ in range(c.pick_attempts):
-            axis = self._hammer()[1]
-            yaw = self._square_yaw(0, np.arctan2(axis[1], axis[0]), np.pi)
-            # from above the bin's rim, then straight down into the bin
-            yield from self._move(0, lambda: [*grasp()[:2], c.carry_z], yaw, OPEN)
-            yield from self._move(0, lambda: grasp() - [0, 0, 0.005], yaw, OPEN, tolerance=0.006)
-            yield from self._wait(0, c.close_steps, yaw, CLOSE)
-            yield from self._move(0, lambda: [arm.pos()[0], arm.pos()[1], c.carry_z], yaw, CLOSE)
-            if np.linalg.norm(arm.pos() - grasp()) < 0.04:  # the hammer came up with the hand
-                break
-            yield from self._wait(0, c.open_steps, yaw, OPEN)
-        handover = np.array([*c.handover_xy, c.handover_z])
 
-        def hand_at_handover():
-            centre, _ = self._hammer()
-            return handover + (arm.pos() - centre)
+    def _to_handover(self, yaw):
+        """robot0 carries the hammer over the gap between the tables, its handle level and along y, the two
+        grasp points symmetric about the gap. Returns the hand's yaw."""
+        c, arm = self.config, self.arm(0)
+        _, axis, _ = self._hammer()
+        yaw = yaw + wrap(np.pi / 2 - np.arctan2(axis[1], axis[0]))  # handle along +y
+        s0, s1 = self._handover_grasps()
+        middle = np.array([c.handover_x, 0.0, c.handover_z])
 
-        yield from self._move(0, lambda: hand_at_handover() + [0, 0, c.carry_z - c.handover_z], yaw, CLOSE)
-        yield from self._move(0, hand_at_handover, yaw, CLOSE, tolerance=0.008)
-        yield from self._wait(0, 10, yaw, CLOSE)
-        self.flags.add("hammer_at_handover")
-        yield from self._wait(0, 0, yaw, CLOSE, until="robot1_holds_hammer")
-        yield from self._wait(0, c.open_steps, yaw, OPEN)
-        back = arm.pos() + [0, -0.15, 0.1]
-        yield from self._move(0, lambda: back, yaw, OPEN)
-        self.flags.add("robot0_clear")
+        def hand_target(dz=0.0):
+            # the hand where the midpoint between the two grasps lands on the handover point
+            return middle + [0, 0, dz] + (arm.pos() - self._handle_point((s0 + s1) / 2))
+
+        yield from self._move(0, lambda: hand_target(c.carry_z - c.handover_z), yaw, CLOSE)
+        yield from self._move(0, hand_target, yaw, CLOSE, tolerance=0.008)
+        yield from self._wait(0, 10, yaw, CLOSE)  # let the hammer settle
+        return yaw
 
     def _robot1(self):
         c, arm = self.config, self.arm(1)
-        up = np.array([0.0, 0.0, c.approach_height])
+        yield from self._trash()
+        yaw = arm.yaw()
+        yield from self._move(1, lambda: [c.handover_x, c.robot1_wait_y, c.carry_z], yaw, OPEN)
+        yield from self._wait(1, 0, yaw, OPEN, until="hammer_at_handover")
+        yaw = yield from self._take_over()
+        if "robot1_holds_hammer" not in self.flags:
+            return
+        yield from self._wait(1, 0, yaw, CLOSE, until="robot0_clear", tilt=c.handover_tilt)
+        for _ in range(c.attempts):
+            if self._holding(1):
+                yield from self._drop_in_target_bin(yaw)
+            if self.sim_env.transport.payload_in_target_bin or not self._reachable(1):
+                return
+            self.event("robot1_regrasps")  # dropped on robot1's table: pick it up by its centre of mass
+            yaw = yield from self._pick(1, lambda: float(np.clip(self._hammer()[2], -c.handle_reach, c.handle_reach)))
+
+    def _trash(self):
+        """The trash cube (square the fingers to its faces) into the trash bin."""
+        c, arm = self.config, self.arm(1)
         transport = self.sim_env.transport
-        # 1. the trash cube (a cube: square the fingers to its faces) into the trash bin
         trash = lambda: np.array(transport.trash_pos)  # noqa: E731
         trash_yaw = body_yaw(self.sim_env.sim.data.get_body_xmat("trash_main"))
         yaw = self._square_yaw(1, trash_yaw, np.pi / 2)
@@ -540,37 +661,64 @@ class TransportExpert:
         yield from self._move(1, lambda: [arm.pos()[0], arm.pos()[1], c.carry_z], yaw, CLOSE)
         bin_xy = np.array(transport.trash_bin_pos[:2])
         yield from self._move(1, lambda: [*bin_xy, c.carry_z], yaw, CLOSE)
-        yield from self._move(1, lambda: [*bin_xy, c.release_z], yaw, CLOSE)
+        yield from self._move(1, lambda: [*bin_xy, c.trash_release_z], yaw, CLOSE)
         yield from self._wait(1, c.open_steps, yaw, OPEN)
         yield from self._move(1, lambda: [*bin_xy, c.carry_z], yaw, OPEN)
-        # 2. wait above the handover point, then take the handle on robot1's side
-        grasp = lambda: self._hammer()[0] + c.grasp_offset1 * self._hammer()[1]  # noqa: E731
-        wait_at = np.array([c.handover_xy[0], c.retreat_y, c.carry_z])  # out of robot0's way, arm bent
-        yield from self._move(1, lambda: wait_at, yaw, OPEN)
-        yield from self._wait(1, 0, yaw, OPEN, until="hammer_at_handover")
-        axis = self._hammer()[1]
+
+    def _take_over(self):
+        """robot1 takes the handle on its side of robot0's hand, leaning towards robot0, and only reports the
+        hammer as held once its fingers have stopped on the handle (robot0 keeps holding until then)."""
+        c = self.config
+        _, axis, _ = self._hammer()
         yaw = self._square_yaw(1, np.arctan2(axis[1], axis[0]), np.pi)
-        yield from self._move(1, lambda: grasp() + up, yaw, OPEN)
-        while np.linalg.norm(arm.pos() - grasp()) > 0.02:  # robot0 keeps holding until robot1 is there
-            yield from self._move(1, lambda: grasp(), yaw, OPEN, tolerance=0.006)
-        yield from self._wait(1, c.close_steps, yaw, CLOSE)
-        self.flags.add("robot1_holds_hammer")
-        yield from self._wait(1, 0, yaw, CLOSE, until="robot0_clear")
-        # 3. carry the hammer over the target bin and let it drop in
-        target_xy = np.array(transport.target_bin_pos[:2])
+        pointing = self._hand_rot(1, yaw, c.handover_tilt)[:, 2]
+        grasp = lambda: self._handle_point(  # noqa: E731
+            min(self._along_handle(0) + c.grasp_gap, c.handle_reach))
+        for _ in range(c.attempts):
+            # from behind the grasp point along the fingers, then in
+            yield from self._move(1, lambda: grasp() - c.approach_height * pointing, yaw, OPEN, tilt=c.handover_tilt)
+            yield from self._move(1, grasp, yaw, OPEN, tolerance=0.006, tilt=c.handover_tilt, speed=c.approach_speed)
+            yield from self._wait(1, c.close_steps, yaw, CLOSE, tilt=c.handover_tilt)
+            if self._holding(1):
+                self.event("robot1_holds_hammer")
+                return yaw
+            self.event("robot1_missed_handover")
+            yield from self._wait(1, c.open_steps, yaw, OPEN, tilt=c.handover_tilt)
+            yield from self._move(1, lambda: grasp() - c.approach_height * pointing, yaw, OPEN, tilt=c.handover_tilt)
+        return yaw
 
-        def hand_over_bin(z):
-            centre, _ = self._hammer()
-            return np.array([*(target_xy + (arm.pos() - centre)[:2]), z])
+    def _drop_in_target_bin(self, yaw):
+        """Back towards robot1's base (upright again), up until the hammer clears the rims, over the target bin
+        with its centre of mass, down, and let go once it is inside the walls."""
+        c, arm = self.config, self.arm(1)
+        transport = self.sim_env.transport
 
-        # Straight back towards robot1's base at the same height first: near full reach, lifting straightens
-        # the arm against its elbow limit and the OSC stalls.
-        retreat = np.array([arm.pos()[0], c.retreat_y, arm.pos()[2]])
+        def com_xy():
+            centre, axis, com = self._hammer()
+            return (centre + com * axis)[:2]
+
+        def carry_z():
+            return max(c.carry_z, arm.pos()[2] + c.clear_z - self._lowest())
+
+        def over_bin(z_fn):
+            goal = np.array(transport.target_bin_pos[:2])
+            return np.array([*(goal + arm.pos()[:2] - com_xy()), z_fn()])
+
+        # Straight back first at the same height: near full reach, lifting runs the elbow onto its stop.
+        retreat = np.array([arm.pos()[0], c.robot1_wait_y, arm.pos()[2]])
         yield from self._move(1, lambda: retreat, yaw, CLOSE)
-        yield from self._move(1, lambda: hand_over_bin(c.carry_z), yaw, CLOSE)
-        yield from self._move(1, lambda: hand_over_bin(c.release_z), yaw, CLOSE)
+        yield from self._move(1, lambda: [*arm.pos()[:2], carry_z()], yaw, CLOSE)
+        yield from self._move(1, lambda: over_bin(carry_z), yaw, CLOSE)
+        yield from self._move(1, lambda: over_bin(lambda: arm.pos()[2] + c.release_low_z - self._lowest()),
+                              yaw, CLOSE)
+        if not self._holding(1):
+            self.event("robot1_dropped_hammer")
+            return
+        inside = np.abs(com_xy() - transport.target_bin_pos[:2]) < np.array(transport.bin_size[:2]) / 2 - c.bin_margin
+        if not inside.all():
+            self.event("robot1_off_bin")
         yield from self._wait(1, c.open_steps, yaw, OPEN)
-        yield from self._move(1, lambda: hand_over_bin(c.carry_z), yaw, OPEN)
+        yield from self._move(1, lambda: [*arm.pos()[:2], c.carry_z], yaw, OPEN)
 
 
 # ---------------------------------------------------------------------------------------------------- ToolHang
@@ -589,6 +737,61 @@ def held_pose(arm: Arm, point: np.ndarray, rot: np.ndarray, want_point: np.ndarr
     return want_point + want_rot @ hand_in_object, want_rot @ rot.T @ arm.rot()
 
 
+class ArmKinematics:
+    """Forward and inverse kinematics of one Panda on a scratch copy of the sim's state (the sim is untouched).
+
+    Used where the straight end-effector path between two poses would fold the arm into its joint limits: the
+    expert then moves along a line in joint space (its targets are the poses of the configurations on it), and
+    picks grasps whose later poses have an IK solution clear of the limits.
+    """
+
+    def __init__(self, sim_env, index: int = 0):
+        import mujoco
+
+        self._mujoco = mujoco
+        robot = sim_env.robots[index]
+        self.model = sim_env.sim.model._model
+        self.live = sim_env.sim.data._data
+        self.data = mujoco.MjData(self.model)
+        self.qpos_ids = np.array(robot._ref_joint_pos_indexes)
+        self.dof_ids = np.array(robot._ref_joint_vel_indexes)
+        self.low, self.high = self.model.jnt_range[robot._ref_joint_indexes].T
+        self.site = robot.eef_site_id["right"]
+        self.home = np.array(robot.init_qpos, dtype=float)  # the posture the OSC's null space pulls towards
+
+    def q(self) -> np.ndarray:
+        return np.array(self.live.qpos[self.qpos_ids])
+
+    def margin(self, q: np.ndarray) -> float:
+        """Smallest distance of any joint to its limit, radians."""
+        return float(np.min(np.minimum(q - self.low, self.high - q)))
+
+    def fk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.data.qpos[:] = self.live.qpos
+        self.data.qpos[self.qpos_ids] = q
+        self._mujoco.mj_kinematics(self.model, self.data)
+        return self.data.site_xpos[self.site].copy(), self.data.site_xmat[self.site].reshape(3, 3).copy()
+
+    def ik(self, pos, rot, q0: np.ndarray | None = None, iters: int = 150):
+        """Damped least squares from q0 (default: the current configuration), pulled towards the home posture in
+        the null space and clamped to the joint limits. Returns (q, reached)."""
+        mj, m, d = self._mujoco, self.model, self.data
+        q = self.q() if q0 is None else np.array(q0, dtype=float)
+        jac_pos, jac_rot = np.zeros((3, m.nv)), np.zeros((3, m.nv))
+        for _ in range(iters):
+            p, r = self.fk(q)
+            mj.mj_comPos(m, d)
+            err = np.concatenate([pos - p, Rotation.from_matrix(rot @ r.T).as_rotvec()])
+            if np.linalg.norm(err[:3]) < 2e-3 and np.linalg.norm(err[3:]) < 0.02:
+                return q, True
+            mj.mj_jacSite(m, d, jac_pos, jac_rot, self.site)
+            jac = np.vstack([jac_pos, jac_rot])[:, self.dof_ids]
+            dq = jac.T @ np.linalg.solve(jac @ jac.T + 1e-3 * np.eye(6), err)
+            dq += (np.eye(len(q)) - np.linalg.pinv(jac) @ jac) @ (0.1 * (self.home - q))
+            q = np.clip(q + np.clip(dq, -0.2, 0.2), self.low, self.high)
+        return q, False
+
+
 @dataclass
 class ToolHangExpertConfig:
     gains: OSCGains = field(default_factory=lambda: OSCGains(max_rot_action=0.3))
@@ -601,11 +804,12 @@ class ToolHangExpertConfig:
     # The frame: grasped by its grip lying down, turned upright (its tip 18.5 cm below the grip) above the lift
     # height, then its tip lowered into the stand's mount (1 cm walls, 7.5 mm bar: 1.2 mm play each side).
     frame_lift_z: float = 1.22  # hand height while turning the frame: the tip clears the stand's walls
-    # Yaw of the upright frame. 0 puts the hook's free end towards the robot (the hand points left holding the
-    # frame): the frame goes in reliably, but the tool's threading pose (hand pointing forward, 30 cm from the
-    # base) folds the elbow into its stop. -90 degrees (free end at +y) would give a comfortable threading pose
-    # but turning the frame there runs the wrist (joint 5) into its stop.
-    frame_yaw: float = 0.0
+    # Yaw of the upright frame, chosen from the IK margins of the frame's and the tool's poses (joint limits):
+    # 90 degrees puts the hook's free end at -y, so the hand holding the tool on the hook points left along it,
+    # half a metre in front of the base. 0 (free end towards the robot) stands the frame as reliably, but its
+    # threading pose (hand pointing forward, 30 cm from the base) folds the elbow into its stop; -90 degrees
+    # runs the wrist (joint 5) into its stop while turning the frame.
+    frame_yaw: float = np.pi / 2
     turn_offset: tuple[float, float] = (0.0, -0.1)  # hand xy relative to the mount while turning the frame
     hover_height: float = 0.03  # tip above the mount's walls before lowering
     insert_step: float = 0.008  # metres per step the tip's target goes down while inserting
@@ -620,8 +824,13 @@ class ToolHangExpertConfig:
     # Threading waypoints of the hole centre: (along the hook from its free end, above the hook's axis), metres.
     thread_path: tuple[tuple[float, float], ...] = (
         (-0.06, 0.03), (-0.025, 0.00975), (0.004, 0.00975), (0.004, 0.0), (0.025, 0.0))
+    waypoint_timeout: int = 40  # steps at a threading waypoint before moving on to the next
     rest_drop: float = 0.004  # lower the hole this far below the hook's axis before letting go
     back_off: float = 0.08  # hand retreats along its pointing axis after letting go
+    clear_height: float = 0.12  # the hand rises this far above the released frame before unwinding
+    unwind_step: float = 0.15  # radians per joint per step of the unwinding target
+    unwind_tolerance: float = 0.3  # radians, every joint to the home posture to end the unwinding
+    joint_step: float = 0.06  # radians per step (largest joint) along a joint-space move's line
     phase_timeout: int = 150
 
 
@@ -629,12 +838,15 @@ class ToolHangExpert(PhaseExpert):
     """Stand the frame in the stand's mount, then thread the tool's hole onto the frame's hook and let go.
 
     Held objects are steered through the grasp: the hand target is the pose that puts the object where it
-    should be (``held_pose``), so grasp offsets and slip are corrected every step.
+    should be (``held_pose``), so grasp offsets and slip are corrected every step. The frame stands with its
+    hook's free end at -y (``frame_yaw``); after it the arm unwinds to its home posture through joint space,
+    takes the tool at the yaw whose later poses keep furthest from the joint limits (``plan_tool``), turns it
+    through joint space, and threads its hole onto the hook along waypoints.
     """
 
     phases = ("frame_above", "frame_descend", "frame_close", "frame_lift", "frame_turn",
-              "frame_over", "frame_insert", "frame_release", "frame_back",
-              "tool_above", "tool_descend", "tool_close", "tool_lift", "tool_turn", "tool_thread",
+              "frame_over", "frame_insert", "frame_release", "frame_back", "frame_up",
+              "tool_unwind", "tool_above", "tool_descend", "tool_close", "tool_lift", "tool_turn", "tool_thread",
               "tool_unpitch", "tool_rest", "tool_release", "tool_back")
 
     def __init__(self, env, config: ToolHangExpertConfig | None = None):
@@ -649,6 +861,10 @@ class ToolHangExpert(PhaseExpert):
         self.hold_pos = None
         self.log: list[tuple[str, int]] = []  # (phase entered, episode step): where episodes stall
         self.t = 0
+        self._kinematics: ArmKinematics | None = None  # built lazily, like the arms
+        self.tool_yaw: float | None = None  # the hand's yaw grasping the tool, chosen once (plan_tool)
+        self.q_turned = None  # configuration holding the tool turned for threading (set when the turn begins)
+        self.path_start = None  # configuration where the current joint-space move began
 
     def goto(self, phase: str) -> None:
         super().goto(phase)
@@ -703,6 +919,8 @@ class ToolHangExpert(PhaseExpert):
     def step(self) -> np.ndarray:
         if self.phase.startswith("frame"):
             return self.frame_step()
+        if self.phase == "tool_unwind":
+            return self.unwind_step()
         return self.tool_step()
 
     def frame_step(self) -> np.ndarray:
@@ -761,10 +979,53 @@ class ToolHangExpert(PhaseExpert):
                 self.goto("frame_back")
                 self.hold_pos = arm.pos() - c.back_off * arm.rot()[:, 2]
             return arm.action(self.hold_pos, arm.rot(), OPEN)
-        # frame_back: straight out along the fingers, then on to the tool
+        # frame_back: straight out along the fingers, then up clear of the frame, then back to the home posture
         if reached(arm, self.hold_pos, 2 * c.tolerance) or self.stalled() or timed_out:
-            self.goto("tool_above")
+            if self.phase == "frame_back":
+                self.goto("frame_up")
+                self.hold_pos = arm.pos() + [0, 0, c.clear_height]
+            else:
+                self.goto("tool_unwind")
         return arm.action(self.hold_pos, arm.rot(), OPEN)
+
+    def unwind_step(self) -> np.ndarray:
+        """Back to the home posture through joint space: from the frame's pose (the hand pointing back) the straight
+        end-effector path to the tool folds the arm into its limits. Each target is the pose of the configuration
+        a step from the current one towards home; the OSC's null space pulls towards the same posture."""
+        c, kin = self.config, self.kinematics()
+        q = kin.q()
+        if np.max(np.abs(kin.home - q)) < c.unwind_tolerance or self.phase_steps > c.phase_timeout:
+            self.goto("tool_above")
+        pos, rot = kin.fk(q + np.clip(kin.home - q, -c.unwind_step, c.unwind_step))
+        return self.arm().action(pos, rot, OPEN)
+
+    def kinematics(self) -> ArmKinematics:
+        if self._kinematics is None:
+            self._kinematics = ArmKinematics(self.sim_env)
+        return self._kinematics
+
+    def joint_target(self, q_goal: np.ndarray) -> np.ndarray:
+        """The configuration on the straight joint-space line from where the phase began to q_goal, joint_step
+        radians (largest joint) per step along it; q_goal once there."""
+        if self.phase_steps == 0 or self.path_start is None:
+            self.path_start = self.kinematics().q()
+        span = max(float(np.max(np.abs(q_goal - self.path_start))), 1e-6)
+        done = min(1.0, (self.phase_steps + 1) * self.config.joint_step / span)
+        return self.path_start + done * (q_goal - self.path_start)
+
+    def joint_action(self, q_goal: np.ndarray, gripper: float) -> np.ndarray:
+        """Towards q_goal through joint space: the target is the pose of joint_target's configuration. The OSC
+        tracks poses and leaves the elbow to its null space, so the path is planned from the phase's start (not
+        from the current configuration, which would let the hand drift with the elbow)."""
+        pos, rot = self.kinematics().fk(self.joint_target(q_goal))
+        return self.arm().action(pos, rot, gripper)
+
+    def joint_move_done(self, q_goal: np.ndarray) -> bool:
+        """The joint-space line is run through and the hand has reached q_goal's pose."""
+        if not np.allclose(self.joint_target(q_goal), q_goal):
+            return False
+        pos, rot = self.kinematics().fk(q_goal)
+        return reached(self.arm(), pos, self.config.tolerance) and self.rot_error(self.arm().rot(), rot) < 0.1
 
     def grasp_yaw(self, yaw: float, turn: np.ndarray) -> float:
         """Of the two hand yaws that close the fingers along the same axis (yaw, yaw + pi), the one whose hand,
@@ -782,6 +1043,40 @@ class ToolHangExpert(PhaseExpert):
         best = min((yaw, yaw + np.pi), key=wound)
         return arm.yaw() + wrap(best - arm.yaw())
 
+    def plan_tool(self) -> None:
+        """Choose the tool grasp backwards from the poses it leads to. The tool lies flat: the fingers close across
+        its grip (along tool y) with the hand at one of two yaws. For each, solve IK (in order, from the current
+        configuration) for the hand above the tool, on it, lifted, turned at the staging point, at the start and
+        end of the threading path and level on the hook; keep the yaw whose poses stay furthest from the joint
+        limits."""
+        c, arm, kin = self.config, self.arm(), self.kinematics()
+        hole, rot = self.tool()
+        centre = self.body_pos(self.sim_env.tool.root_body)
+        free_end, d = self.hook()
+        up = np.array([0.0, 0.0, 1.0])
+        stage = np.array([*(free_end[:2] - c.tool_stage_back * d[:2]), c.tool_lift_z])
+        y = rot[:, 1]
+        best_margin = -np.inf
+        for yaw in (np.arctan2(-y[0], y[1]), np.arctan2(-y[0], y[1]) + np.pi):
+            yaw = arm.yaw() + wrap(yaw - arm.yaw())
+            hand_rot = rot_z(yaw) @ DOWN
+            hand_in_tool, grip_in_tool = rot.T @ hand_rot, rot.T @ (centre - hole)  # the grasp, in tool coordinates
+            pitched = self.tool_goal_rot(c.thread_pitch)
+            poses = [(centre + [0, 0, c.approach_height], hand_rot), (centre, hand_rot),
+                     (centre + [0, 0, c.tool_lift_z - centre[2]], hand_rot), (stage, pitched @ hand_in_tool)]
+            for pitch, (along, above) in ((c.thread_pitch, c.thread_path[0]), (c.thread_pitch, c.thread_path[-1]),
+                                          (0.0, (c.thread_path[-1][0], 0.0))):
+                tool_rot = self.tool_goal_rot(pitch)
+                poses.append((free_end + along * d + above * up + tool_rot @ grip_in_tool, tool_rot @ hand_in_tool))
+            q, margin = kin.q(), np.inf
+            for pos, r in poses:
+                q, ok = kin.ik(pos, r, q)
+                margin = min(margin, kin.margin(q) if ok else -1.0)
+            self.log.append((f"tool_yaw {yaw:.2f} margin {margin:.2f}", self.t))
+            if margin > best_margin:
+                best_margin = margin
+                self.tool_yaw = yaw
+
     def rot_error(self, rot: np.ndarray, goal: np.ndarray) -> float:
         return float(np.linalg.norm(Rotation.from_matrix(goal @ rot.T).as_rotvec()))
 
@@ -791,11 +1086,11 @@ class ToolHangExpert(PhaseExpert):
         centre = self.body_pos(self.sim_env.tool.root_body)
         timed_out = self.phase_steps > c.phase_timeout
         if self.phase in ("tool_above", "tool_descend"):
-            # Flat on the table: close the fingers across the handle (tool x), i.e. along tool y. Of the two
-            # hand yaws that do, take the one whose hand, once the tool is turned for threading, is closest to
-            # the unwound wrist pointing along the hook (else the last wrist joint runs into its stop).
-            y = rot[:, 1]
-            yaw = self.grasp_yaw(np.arctan2(-y[0], y[1]), self.tool_goal_rot(c.thread_pitch) @ rot.T)
+            # Flat on the table: close the fingers across the handle (tool x), i.e. along tool y, at the yaw
+            # plan_tool chose.
+            if self.tool_yaw is None:
+                self.plan_tool()
+            yaw = self.tool_yaw
             if self.phase == "tool_above":
                 target = centre + [0, 0, c.approach_height]
                 if reached(arm, target, c.tolerance) or timed_out:
@@ -819,24 +1114,29 @@ class ToolHangExpert(PhaseExpert):
             if reached(arm, target, 2 * c.tolerance) or timed_out:
                 self.goto("tool_turn")
                 self.hold_pos = target
+                # The hand's pose that turns the tool for threading, and the nearest configuration that reaches it:
+                # turning through joint space keeps the wrist from flipping over on the way (the OSC's path).
+                hand_rot = self.tool_goal_rot(c.thread_pitch) @ rot.T @ arm.rot()
+                self.q_turned, _ = self.kinematics().ik(target, hand_rot)
             return arm.action(target, arm.rot(), CLOSE)
         up = np.array([0.0, 0.0, 1.0])
         if self.phase == "tool_turn":
-            goal_rot = self.tool_goal_rot(c.thread_pitch)
-            goal = self.turn(rot, goal_rot)
-            _, hand_rot = held_pose(arm, hole, rot, hole, goal)
-            if self.rot_error(rot, goal_rot) < c.turn_tolerance or timed_out:
+            turned = self.rot_error(rot, self.tool_goal_rot(c.thread_pitch)) < c.turn_tolerance
+            if turned or self.joint_move_done(self.q_turned) or timed_out:
                 self.goto("tool_thread")
                 self.waypoint = 0
-            return arm.action(self.hold_pos, hand_rot, CLOSE)
+            return self.joint_action(self.q_turned, CLOSE)
         if self.phase == "tool_thread":
             s, h = c.thread_path[self.waypoint]
             want = free_end + s * d + h * up
             hand, hand_rot = held_pose(arm, hole, rot, want, self.tool_goal_rot(c.thread_pitch))
             tolerance = c.tolerance if self.waypoint == 0 else c.hole_tolerance
-            if np.linalg.norm(hole - want) < tolerance or self.stalled(min_steps=30) or timed_out:
+            # A waypoint that the hole cannot reach exactly (pressed against the hook) is left after a short wait.
+            if np.linalg.norm(hole - want) < tolerance or self.stalled(min_steps=30) or \
+                    self.phase_steps > c.waypoint_timeout:
                 self.waypoint += 1
                 self.phase_steps = 0
+                self.log.append((f"waypoint {self.waypoint}", self.t))
                 if self.waypoint == len(c.thread_path):
                     self.goto("tool_unpitch")
             return arm.action(hand, hand_rot, CLOSE)

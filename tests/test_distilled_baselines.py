@@ -1,0 +1,252 @@
+"""Issue 15: Consistency Policy (cp:k) and OneDP (onedp) distilled from the DDPM backbone (agents/consistency.py,
+agents/onedp.py, agents/distill.py)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _episodes import run_steps
+
+from agents.factory import make_agent
+from step_envs.registry import make_env
+
+
+def _config(method, teacher, dataset, out, **overrides):
+    from agents.distill import TrainBaselineConfig
+
+    values = dict(method=method, teacher=str(teacher), dataset=str(dataset), out=None if out is None else str(out),
+                  steps=3, batch_size=8, warmup_steps=1, log_every=1, save_every=3, threads=1, progress=False)
+    values.update(overrides)
+    return TrainBaselineConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_dataset, tiny_checkpoint, tmp_path_factory):
+    """A copy of the tiny teacher with a 3-step cp/ and onedp/ student in it (the layout make_agent looks for)."""
+    from agents.distill import train_baseline
+
+    root = tmp_path_factory.mktemp("distilled") / "policy"
+    shutil.copytree(tiny_checkpoint, root)
+    for method in ("cp", "onedp"):
+        report = train_baseline(_config(method, root, tiny_dataset, None))
+        assert report["out"] == str(root / method) and report["step"] == 3
+    return root
+
+
+def _tiny_backbone():
+    from agents.backbone import PRESETS, Backbone, FeatureSpec
+
+    torch.manual_seed(0)
+    return Backbone(PRESETS["tiny"], FeatureSpec(state_dim=2, action_dim=2, env_state_dim=16)).eval()
+
+
+def _cond(backbone, rows, seed=0):
+    from agents.latency import _random_history
+
+    with torch.no_grad():
+        return backbone.global_cond(_random_history(backbone, torch.Generator().manual_seed(seed))).repeat(rows, 1)
+
+
+def test_cp_boundary_condition_holds_by_construction():
+    from agents.consistency import boundary_coefficients, consistency_fn
+    from agents.distill import schedule_tables
+
+    backbone = _tiny_backbone()
+    a, b = schedule_tables(backbone.cfg)
+    x = torch.randn(3, 16, 2)
+    cond = _cond(backbone, 3)
+    with torch.no_grad():
+        at_zero = consistency_fn(backbone, x, torch.zeros(3, dtype=torch.long), cond, a, b)
+        assert torch.equal(at_zero, x)  # f(x, 0) = x exactly, whatever the network
+        t = torch.tensor([1, 45, 90])
+        c_skip, c_out = boundary_coefficients(t)
+        assert float(c_skip.max()) < 3e-3 and float(c_out.min()) > 0.998  # t >= 1: the network's clean estimate
+        x0 = (x - b[t].view(-1, 1, 1) * backbone.denoise(x, t, cond)) / a[t].view(-1, 1, 1)
+        torch.testing.assert_close(consistency_fn(backbone, x, t, cond, a, b), c_skip * x + c_out * x0)
+
+
+def _count_calls(agent):
+    count = [0]
+    handle = agent.backbone.model.unet.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count, handle
+
+
+@pytest.mark.parametrize("spec,calls", [("cp:1", 1), ("cp:3", 3), ("onedp", 1)])
+def test_shapes_calls_and_determinism(distilled, spec, calls):
+    env = make_env("pusht", obs_type="state")
+    try:
+        agent = make_agent(spec, env, task="pusht", checkpoint=str(distilled), seed=3)
+        assert agent.nfe_per_replan == calls and agent.actions_per_replan == 8
+        count, handle = _count_calls(agent)
+        first = run_steps(env, agent, 0, 9)  # two replans
+        handle.remove()
+        assert first.shape == (9, 2) and first.dtype == np.float32 and count[0] == 2 * calls
+        assert agent.last_chunk.shape == (1, 16, 2) and float(agent.last_chunk.abs().max()) <= 1.0
+        again = make_agent(spec, env, task="pusht", checkpoint=str(distilled), seed=3)
+        np.testing.assert_array_equal(run_steps(env, again, 0, 9), first)  # same seed: the same actions
+        other = make_agent(spec, env, task="pusht", checkpoint=str(distilled), seed=4)
+        assert not np.allclose(run_steps(env, other, 0, 9), first)
+    finally:
+        env.close()
+
+
+def test_cp_sampling_times():
+    from agents.consistency import sampling_times
+
+    assert sampling_times(90, 1) == [90]
+    assert sampling_times(90, 2) == [90, 45]
+    assert sampling_times(90, 3) == [90, 60, 30]
+
+
+@pytest.mark.parametrize("method", ["cp:2", "onedp"])
+def test_batched_rows_equal_single_env_runs(distilled, method):
+    vec = make_env("pusht", obs_type="state", num_envs=2)
+    single = make_env("pusht", obs_type="state")
+    try:
+        agent = make_agent(method, vec, task="pusht", checkpoint=str(distilled), seed=5)
+        obs, _ = vec.reset(seed=[0, 1])
+        agent.reset()
+        batched = []
+        for _ in range(10):
+            a = agent.act(obs)
+            assert a.shape == (2, 2) and a.dtype == np.float32
+            batched.append(a)
+            obs, *_ = vec.step(a)
+        batched = np.stack(batched)
+        for row in range(2):
+            one = make_agent(method, single, task="pusht", checkpoint=str(distilled), seed=5 + row)
+            np.testing.assert_allclose(run_steps(single, one, row, 10), batched[:, row], atol=1e-2)
+    finally:
+        vec.close()
+        single.close()
+
+
+def test_refusals(distilled, tiny_checkpoint, tmp_path):
+    from agents.checkpoint import load_policy
+    from agents.distill import load_distilled
+
+    env = make_env("pusht", obs_type="state")
+    try:
+        with pytest.raises(ValueError, match="no cp/ folder"):  # the teacher alone
+            make_agent("cp:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+        with pytest.raises(ValueError, match="no onedp/ folder"):
+            make_agent("onedp", env, task="pusht", checkpoint=str(tiny_checkpoint))
+        with pytest.raises(ValueError, match="'onedp' checkpoint"):  # another method's checkpoint
+            make_agent("cp:1", env, task="pusht", checkpoint=str(distilled / "onedp"))
+        with pytest.raises(ValueError, match="'cp' checkpoint"):
+            make_agent("onedp", env, task="pusht", checkpoint=str(distilled / "cp"))
+        other = tmp_path / "other_task"
+        shutil.copytree(distilled / "cp", other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "task": "lift"}))
+        with pytest.raises(ValueError, match="distilled for task 'lift'"):  # another task's
+            make_agent("cp:1", env, task="pusht", checkpoint=str(other))
+        with pytest.raises(ValueError, match="expected 'step-policy'"):  # a student is no diffusion backbone
+            load_policy(distilled / "cp")
+        with pytest.raises(ValueError, match="onedp takes|one generator call"):
+            make_agent("onedp:2", env, task="pusht", checkpoint=str(distilled))
+        # a teacher backbone passed in (as step bench does) is never used as the student
+        teacher, _ = load_policy(tiny_checkpoint)
+        with pytest.raises(ValueError, match="needs --checkpoint"):
+            make_agent("cp:1", env, task="pusht", backbone=teacher)
+        student, _ = load_distilled(distilled / "cp", "cp")
+        assert make_agent("cp:1", env, task="pusht", backbone=teacher, checkpoint=str(distilled)).backbone is not teacher
+        assert make_agent("cp:1", env, backbone=student).backbone is student
+    finally:
+        env.close()
+
+
+def test_cp_loss_falls_on_a_short_run(tiny_dataset, tiny_checkpoint):
+    """A fixed batch, the same noise and timesteps every step: the consistency loss must fall."""
+    from agents.checkpoint import load_policy
+    from agents.consistency import ConsistencyDistiller
+    from agents.training import WindowBank, load_frames, make_optimizer
+
+    teacher, _ = load_policy(tiny_checkpoint)
+    cfg = _config("cp", tiny_checkpoint, tiny_dataset, None, steps=25, lr=1e-3, warmup_steps=0)
+    distiller = ConsistencyDistiller(teacher, cfg)
+    distiller.optimizer, distiller.lr_schedule, _ = make_optimizer(distiller.student, cfg)
+    obs, action, _ = WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg).batch(torch.arange(16))
+    losses = [distiller.train_step(obs, action, torch.Generator().manual_seed(1))["loss"] for _ in range(25)]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_onedp_score_net_learns_and_generator_follows_the_score_difference(tiny_dataset, tiny_checkpoint):
+    from agents.checkpoint import load_policy
+    from agents.distill import gather
+    from agents.onedp import OneDPDistiller, generate
+    from agents.training import WindowBank, load_frames, make_optimizer
+
+    teacher, _ = load_policy(tiny_checkpoint)
+    cfg = _config("onedp", tiny_checkpoint, tiny_dataset, None, steps=25, lr=1e-3, onedp_score_lr=3e-3,
+                  warmup_steps=0)
+    distiller = OneDPDistiller(teacher, cfg)
+    distiller.optimizer, distiller.lr_schedule, _ = make_optimizer(distiller.student, cfg)
+    obs, action, _ = WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg).batch(torch.arange(16))
+    # at initialisation the score network is the teacher: no score difference, no generator gradient
+    first = distiller.train_step(obs, action, torch.Generator().manual_seed(1))
+    assert first["loss"] == 0.0
+    records = [distiller.train_step(obs, action, torch.Generator().manual_seed(1)) for _ in range(24)]
+    scores = [first["score_loss"]] + [r["score_loss"] for r in records]
+    assert np.mean(scores[-3:]) < 0.8 * np.mean(scores[:3]), scores  # psi fits the generator's samples
+    assert records[-1]["loss"] > 0.0  # ... so the generator now gets a gradient
+    # the generator's gradient is exactly the normalised difference of the two networks' clean estimates
+    a, b = distiller.a, distiller.b
+    z = torch.randn(4, 16, 2, generator=torch.Generator().manual_seed(2))
+    cond = distiller.student.global_cond({k: v[:4] for k, v in obs.items()})
+    sample = generate(distiller.student, z, cond, distiller.t_g, a, b).detach().requires_grad_(True)
+    t, noise = torch.tensor([5, 30, 60, 90]), torch.randn(4, 16, 2, generator=torch.Generator().manual_seed(3))
+    x_t = gather(a, t) * sample.detach() + gather(b, t) * noise
+    with torch.no_grad():
+        x0_real = (x_t - gather(b, t) * teacher.denoise(x_t, t, cond)) / gather(a, t)
+        x0_fake = (x_t - gather(b, t) * distiller.aux.denoise(x_t, t, cond)) / gather(a, t)
+    g = (x0_fake - x0_real) / (sample.detach() - x0_real).abs().mean(dim=(1, 2), keepdim=True)
+    loss = 0.5 * torch.nn.functional.mse_loss(sample, (sample.detach() - g).detach())
+    loss.backward()
+    torch.testing.assert_close(sample.grad, g / g.numel())
+    assert float(g.abs().max()) > 0
+
+
+def test_cli_resume_records_and_refuses_another_method(distilled, tiny_dataset, tmp_path):
+    from agents.cli import main
+    from agents.distill import read_distilled_config, train_baseline
+
+    out = tmp_path / "cp"
+    shutil.copytree(distilled / "cp", out)
+    rc = main(["train-baseline", "--method", "cp", "--teacher", str(distilled), "--dataset", str(tiny_dataset),
+               "--out", str(out), "--steps", "5", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
+               "--threads", "1", "--eval-every", "5", "--eval-episodes", "1", "--eval-max-steps", "10"])
+    assert rc == 0
+    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    evaluation = json.loads((out / "eval.jsonl").read_text())  # a seeded rollout of cp:1 on the EMA student
+    assert evaluation["step"] == 5 and evaluation["episodes"] == 1
+    config = read_distilled_config(out)
+    assert config["method"] == "cp" and config["task"] == "pusht" and config["train_step"] == 5
+    assert config["distilled"] == {"method": "cp", "top_t": 90, "sigma_data": 0.5, "time_scale": 10.0}
+    assert config["teacher_fingerprint"] and config["trainable_parameters"] > 0
+    with pytest.raises(ValueError, match="another method"):
+        train_baseline(_config("onedp", distilled, tiny_dataset, out, steps=6))
+    onedp = read_distilled_config(distilled / "onedp")
+    assert onedp["distilled"] == {"method": "onedp", "generator_t": 90}
+    # the generator and its score network both train: twice the student's parameters
+    assert onedp["trainable_parameters"] == 2 * config["trainable_parameters"]
+
+
+def test_latency_times_both_on_a_teacher_copy(tiny_checkpoint):
+    from agents.checkpoint import load_policy
+    from agents.factory import EnvSpaces
+    from agents.peers import timing_backbone
+
+    teacher, _ = load_policy(tiny_checkpoint)
+    env = make_env("pusht", obs_type="state")
+    try:
+        spaces = EnvSpaces(env.observation_space, env.action_space)
+        for spec in ("cp:2", "onedp"):
+            timed = timing_backbone(spec, teacher)
+            assert timed is not teacher and not hasattr(teacher, "distilled")
+            assert make_agent(spec, spaces, backbone=timed).nfe_per_replan == (2.0 if spec == "cp:2" else 1.0)
+    finally:
+        env.close()
