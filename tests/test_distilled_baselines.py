@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _episodes import run_steps
+from _episodes import assert_batched_rows_equal_single_runs, run_steps
 
 from agents.factory import make_agent
 from step_envs.registry import make_env
@@ -102,25 +102,7 @@ def test_cp_sampling_times():
 
 @pytest.mark.parametrize("method", ["cp:2", "onedp"])
 def test_batched_rows_equal_single_env_runs(distilled, method):
-    vec = make_env("pusht", obs_type="state", num_envs=2)
-    single = make_env("pusht", obs_type="state")
-    try:
-        agent = make_agent(method, vec, task="pusht", checkpoint=str(distilled), seed=5)
-        obs, _ = vec.reset(seed=[0, 1])
-        agent.reset()
-        batched = []
-        for _ in range(10):
-            a = agent.act(obs)
-            assert a.shape == (2, 2) and a.dtype == np.float32
-            batched.append(a)
-            obs, *_ = vec.step(a)
-        batched = np.stack(batched)
-        for row in range(2):
-            one = make_agent(method, single, task="pusht", checkpoint=str(distilled), seed=5 + row)
-            np.testing.assert_allclose(run_steps(single, one, row, 10), batched[:, row], atol=1e-2)
-    finally:
-        vec.close()
-        single.close()
+    assert_batched_rows_equal_single_runs(method, distilled, steps=10)
 
 
 def test_refusals(distilled, tiny_checkpoint, tmp_path):

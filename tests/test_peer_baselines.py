@@ -3,10 +3,9 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from _episodes import run_steps
+from _episodes import assert_batched_rows_equal_single_runs, run_steps
 
 from agents.factory import make_agent
 from step_envs.registry import make_env
@@ -27,25 +26,8 @@ def stream_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["rtidp:2", "falcon:2", "sdp", "rnrdp"])
 def test_batched_rows_equal_single_env_runs(stream_checkpoint, method):
-    vec = make_env("pusht", obs_type="state", num_envs=2)
-    single = make_env("pusht", obs_type="state")
-    try:
-        agent = make_agent(method, vec, task="pusht", checkpoint=str(stream_checkpoint), seed=5)
-        obs, _ = vec.reset(seed=[0, 1])
-        agent.reset()
-        batched = []
-        for _ in range(18):  # several replans of every method (RNR-DP replans every step, SDP every 5)
-            a = agent.act(obs)
-            assert a.shape == (2, 2) and a.dtype == np.float32
-            batched.append(a)
-            obs, *_ = vec.step(a)
-        batched = np.stack(batched)
-        for row in range(2):
-            one = make_agent(method, single, task="pusht", checkpoint=str(stream_checkpoint), seed=5 + row)
-            np.testing.assert_allclose(run_steps(single, one, row, 18), batched[:, row], atol=1e-2)  # as test_diffusion_agents
-    finally:
-        vec.close()
-        single.close()
+    # 18 steps: several replans of every method (RNR-DP replans every step, SDP every 5)
+    assert_batched_rows_equal_single_runs(method, stream_checkpoint, steps=18)
 
 
 def test_replans_and_costs(stream_checkpoint):
