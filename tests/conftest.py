@@ -40,6 +40,17 @@ def scripted_episodes(num_episodes: int = 4, steps: int = 40, seed: int = 0):
     return episodes, features_env
 
 
+@pytest.fixture(scope="module")
+def env():
+    """One Push-T state env shared by a module's tests (each test resets it with its own seed); a module may
+    define its own ``env`` (test_diffusion_agents.py: a fresh one per test)."""
+    from step_envs.registry import make_env
+
+    env = make_env("pusht", obs_type="state")
+    yield env
+    env.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from step_envs.dataset import lerobot_features, write_dataset

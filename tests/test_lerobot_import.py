@@ -71,15 +71,6 @@ def imported(lerobot_policy, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def env():
-    from step_envs.registry import make_env
-
-    env = make_env("pusht", obs_type="state")
-    yield env
-    env.close()
-
-
 def _lerobot_chunk(folder, obs, seed: int, ddim_steps: int | None = None) -> np.ndarray:
     """LeRobot's own select_action path: preprocessor -> DiffusionPolicy -> postprocessor, 8 executed actions."""
     from diffusers import DDIMScheduler

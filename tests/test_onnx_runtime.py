@@ -40,15 +40,6 @@ def exported(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def env():
-    from step_envs.registry import make_env
-
-    env = make_env("pusht", obs_type="state")
-    yield env
-    env.close()
-
-
 def _chunks(agent, history, calls=3):
     agent.reset()
     return [agent.chunk(history).clone() for _ in range(calls)]  # STEP: calls 2.. warm-start from the last chunk
