@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -278,19 +279,33 @@ def _half_weights(tensors: dict[str, torch.Tensor], keep_prefix: str | None) -> 
             for k, v in tensors.items()}
 
 
+# Folders of a release that other commands fill (the streaming fine-tune, the distilled students): each is a
+# self-contained policy (no link to the backbone's weights at run time), so re-exporting the backbone keeps them.
+RELEASE_SIDE_FOLDERS = ("streaming", "cp", "onedp", "bridger")
+
+
 def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> dict:
     """Copy a trained policy and its predictor into a small release folder (no optimiser state).
 
     With ``half`` the weights are stored as float16 (half the bytes; agents still run in float32, as
     ``load_state_dict`` casts them back). The normaliser stats are kept in float32 so the policy's
     fingerprint, and with it the predictor's link to the policy, does not change.
+    ``src`` may also be a ``step train-baseline`` output (a distilled student: Consistency Policy, OneDP,
+    BRIDGER), exported the same way to e.g. ``checkpoints/<task>/cp``. With ``overwrite`` a release's
+    ``RELEASE_SIDE_FOLDERS`` that ``src`` does not bring are carried over (and listed in the report as ``kept``).
     """
+    from agents.distill import DISTILLED_FORMAT, load_distilled
+
     src, dst = Path(src), Path(dst)
-    config = read_policy_config(src)
+    finish_commits(src)
+    config_path = src / "config.json"
+    distilled = config_path.exists() and read_json(config_path, "the checkpoint").get("format") == DISTILLED_FORMAT
+    config = _read_config(src, DISTILLED_FORMAT if distilled else POLICY_FORMAT)
     with folder_lock(dst, "export"):
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise FileExistsError(f"{dst} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        predictor_src = find_predictor(src)
+        predictor_src = None if distilled else find_predictor(src)
+        kept = []
         # Built beside dst and swapped in only once it loads: a failure leaves the old release as it was.
         with replacing_folder(dst) as new:
             new.mkdir()
@@ -309,9 +324,17 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
                 _tensor_writer(_half_weights(weights, None) if half else weights)(new / "predictor" / "predictor.safetensors")
                 # the predictor's metrics live in its config.json (train-predictor writes no other file)
                 (new / "predictor" / "config.json").write_bytes((predictor_src / "config.json").read_bytes())
+            if not distilled and dst.is_dir():
+                for name in RELEASE_SIDE_FOLDERS:
+                    if (dst / name).is_dir() and not (new / name).exists():
+                        shutil.copytree(dst / name, new / name)
+                        kept.append(name)
             # Load what was written, so a broken export fails here and not in someone's benchmark.
-            backbone, _ = load_policy(new, task=config["task"])
-            if predictor_src is not None:
-                load_predictor(new / "predictor", backbone)
-    return {"task": config["task"], "out": str(dst), "predictor": predictor_src is not None,
+            if distilled:
+                load_distilled(new, config["method"], task=config["task"])
+            else:
+                backbone, _ = load_policy(new, task=config["task"])
+                if predictor_src is not None:
+                    load_predictor(new / "predictor", backbone)
+    return {"task": config["task"], "out": str(dst), "predictor": predictor_src is not None, "kept": kept,
             "bytes": sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())}

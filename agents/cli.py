@@ -14,10 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-robomimic": ("agents.commands.import_robomimic", "import a RoboMimic hdf5 dataset as a LeRobotDataset"),
     "train-policy": ("agents.commands.train_policy", "train the diffusion backbone (resumable, EMA, rollout score)"),
     "train-predictor": ("agents.commands.train_predictor", "train STEP's predictor on truly shifted chunk pairs"),
-    "train-baseline": ("agents.commands.train_baseline", "distil the DDPM backbone into Consistency Policy (cp:k) "
-                                                         "or OneDP (onedp)"),
+    "train-baseline": ("agents.commands.train_baseline", "the trained few-step peers from the DDPM backbone: "
+                                                         "Consistency Policy (cp:k), OneDP (onedp), BRIDGeR (bridger:k)"),
     "train-bench": ("agents.commands.train_bench", "training samples/s over precision x threads x batch size"),
-    "export": ("agents.commands.export", "copy a trained policy + predictor to a small release folder (float16)"),
+    "export": ("agents.commands.export", "copy a trained policy + predictor, or a train-baseline student, "
+                                           "to a small release folder (float16)"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
     "table": ("agents.commands.table", "several tasks' bench results side by side (Table 2/3) + Pareto panels"),
     "sweep": ("agents.commands.sweep", "bench cells (task x method x seed block x setting) on Ray, resumable, merged"),

@@ -44,7 +44,6 @@ Where this differs from the paper (and its public code, github.com/Aaditya-Prasa
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import torch
@@ -52,8 +51,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.diffusion_agents import AgentConfig, DiffusionAgent
-from agents.distill import Distiller, distilled_settings, gather, schedule_tables
+from agents.distill import DistilledAgent, Distiller, gather, schedule_tables
 from agents.samplers import randn
 
 SIGMA_DATA = 0.5  # the data scale in c_skip / c_out (consistency models; actions are min-max normalised to [-1, 1])
@@ -145,27 +143,18 @@ class ConsistencyDistiller(Distiller):
         return {"loss": float(loss.detach())}
 
 
-class ConsistencyAgent(DiffusionAgent):
-    """DiffusionAgent mechanics (history, chunk cache, per-row generators) with multistep consistency sampling."""
+class ConsistencyAgent(DistilledAgent):
+    """Multistep consistency sampling on the shared distilled-agent mechanics (agents/distill.py)."""
 
     method = "cp"
 
     def __init__(self, backbone: Backbone, action_space, batch_size: int | None = None, seed: int = 0, steps: int = 1):
-        settings = distilled_settings(backbone)
-        if settings is None or settings.get("method") != "cp":
-            raise ValueError("ConsistencyAgent needs a Consistency Policy student (step train-baseline --method cp).")
-        top = int(settings["top_t"])
+        super().__init__(backbone, action_space, batch_size, seed, steps)
+        top = int(self.settings["top_t"])
         if not 1 <= steps <= top:
             raise ValueError(f"cp:{steps}: k must be in [1, {top}].")
-        super().__init__(backbone, AgentConfig(method="ddim", steps=1, seed=seed), action_space, batch_size)
-        self.cfg = dataclasses.replace(self.cfg, steps=steps)
-        self.settings = settings
         self.times = sampling_times(top, steps)
         self.a, self.b = schedule_tables(backbone.cfg)
-        pc = backbone.cfg
-        self.clip = pc.clip_sample_range if pc.clip_sample else None
-        self.nfe_per_replan = float(steps)
-        self.actions_per_replan = pc.n_action_steps
 
     def plan(self, cond: Tensor) -> Tensor:
         shape = (self.rows, *self.backbone.action_shape)
@@ -174,8 +163,6 @@ class ConsistencyAgent(DiffusionAgent):
             z = randn(shape, self.generators, cond.device)
             x = z if out is None else self.a[t] * out + self.b[t] * z
             tt = torch.full((self.rows,), t, dtype=torch.long)
-            out = consistency_fn(self.backbone, x, tt, cond, self.a, self.b, self.settings["sigma_data"],
-                                 self.settings["time_scale"])
-            if self.clip is not None:
-                out = out.clamp(-self.clip, self.clip)
+            out = self.clip(consistency_fn(self.backbone, x, tt, cond, self.a, self.b, self.settings["sigma_data"],
+                                           self.settings["time_scale"]))
         return out

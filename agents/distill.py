@@ -1,20 +1,23 @@
-"""The trained few-step peers distilled from the task's frozen DDPM backbone: Consistency Policy ``cp:k``
-(agents/consistency.py) and OneDP ``onedp`` (agents/onedp.py); issue 15.
+"""The trained few-step peers built on the task's frozen DDPM backbone: Consistency Policy ``cp:k``
+(agents/consistency.py) and OneDP ``onedp`` (agents/onedp.py), distilled from it (issue 15), and BRIDGeR
+``bridger:k`` (agents/bridger.py), a stochastic-interpolant policy trained on the demonstrations from the
+teacher's weights.
 
-This module holds what the two share, written once:
-  * ``TrainBaselineConfig`` / ``train_baseline``: ``step train-baseline --method cp|onedp --teacher CKPT
+This module holds what they share, written once:
+  * ``TrainBaselineConfig`` / ``train_baseline``: ``step train-baseline --method cp|onedp|bridger --teacher CKPT
     --dataset DIR [--out DIR]``. The loop reuses the backbone trainer's pieces (agents/training.py: the
     in-memory ``WindowBank``, ``make_optimizer`` = AdamW + cosine warm-up + the Diffusion Policy EMA, bf16
     ``autocast``, the JSONL logs and their truncation on resume, the seeded rollouts, ``folder_lock`` and
     ``commit_files`` saves of weights + config + training state as one set). Each method brings a ``Distiller``
-    (its networks and one ``train_step``); the loop does not know which.
+    (its networks and one ``train_step``; BRIDGeR also gets the bank's action windows, for its source); the
+    loop does not know which.
   * the checkpoint: format ``step-distilled`` (``load_policy`` refuses it, so no DDIM/STEP agent can run a
     student as if it were a diffusion backbone), the EMA student in ``model.safetensors``, config.json with the
     task, the method, its inference settings and the teacher's path and fingerprint. Default place:
-    ``<teacher>/<method>`` (``cp`` or ``onedp``), beside ``<teacher>/predictor`` and ``<teacher>/streaming``.
+    ``<teacher>/<method>`` (``cp``, ``onedp`` or ``bridger``), beside ``<teacher>/predictor`` and ``<teacher>/streaming``.
   * ``make_distilled_agent``: ``make_agent("cp:2", env, checkpoint=...)`` with the task's checkpoint (its
     ``cp/`` folder is used) or the distilled folder itself; a teacher without that folder, another method's
-    checkpoint or another task's is refused with a ValueError.
+    checkpoint or another task's is refused with a ValueError. ``DistilledAgent``: the agents' shared part.
 
 The noise schedule is the teacher's (DDPM, 100 steps, squaredcos_cap_v2, epsilon prediction): x_t = a_t x0 +
 b_t eps with a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t). Neither method uses t = 99: there a_t = 4.9e-4 and the
@@ -22,6 +25,7 @@ teacher's epsilon -> x0 map amplifies every error 2000-fold (measured on the Pus
 N(0, I), 64 chunks: mean |x0| = 105 at t = 99, 0.94 at 95, 0.57 at 90, 0.38 at 75; the teacher's own samplers
 survive t = 99 only through their x0 clip). ``top_t`` = 90 (a_t = 0.14, b_t = 0.990, so N(0, I) is very nearly
 the marginal there) is the largest timestep either method evaluates; it is a setting, recorded in config.json.
+BRIDGeR does not use this schedule (it has its own interpolant, agents/bridger.py).
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from tqdm.auto import tqdm
 
 from agents.backbone import Backbone, FeatureSpec, PolicyConfig
 from agents.config_files import option, validate_fields
+from agents.diffusion_agents import AgentConfig, DiffusionAgent
 from step_envs.seeds import TRAIN_EVAL_SEEDS
 
 DISTILLED_FORMAT = "step-distilled"
-DISTILLED_METHODS = ("cp", "onedp")
-DISTILLED_NAMES = {"cp": "Consistency Policy", "onedp": "OneDP"}
+DISTILLED_METHODS = ("cp", "onedp", "bridger")
+DISTILLED_NAMES = {"cp": "Consistency Policy", "onedp": "OneDP", "bridger": "BRIDGeR"}
 
 
 # ---------------------------------------------------------------- schedule helpers
@@ -70,7 +75,8 @@ def x0_estimate(net: Backbone, x: Tensor, t: Tensor, cond: Tensor, a: Tensor, b:
 
 
 def mark_distilled(backbone: Backbone, settings: dict) -> Backbone:
-    """Tag a backbone as a distilled student (``settings['method']`` = cp | onedp) with its inference settings."""
+    """Tag a backbone as a distilled student (``settings['method']`` = cp | onedp | bridger) with its inference
+    settings."""
     backbone.distilled = dict(settings)
     return backbone
 
@@ -82,7 +88,8 @@ def distilled_settings(backbone) -> dict | None:
 # ---------------------------------------------------------------- training config
 @dataclass
 class TrainBaselineConfig:
-    method: str = option(help="cp (Consistency Policy) | onedp (One-Step Diffusion Policy)", choices=DISTILLED_METHODS)
+    method: str = option(help="cp (Consistency Policy) | onedp (One-Step Diffusion Policy) | bridger (BRIDGeR)",
+                         choices=DISTILLED_METHODS)
     teacher: str = option(help="the frozen DDPM backbone (a step train-policy checkpoint)")
     dataset: str = option(help="LeRobotDataset root or `step collect` folder (the teacher's demonstrations)")
     out: str | None = option(None, help="checkpoint folder (default <teacher>/<method>; resumes if it holds a run)")
@@ -104,6 +111,14 @@ class TrainBaselineConfig:
     onedp_t_min: int = option(2, min=0, help="onedp: smallest timestep of the KL's diffusion chain")
     onedp_t_max: int = option(95, min=0, help="onedp: largest timestep of the KL's diffusion chain")
     onedp_score_lr: float = option(1e-4, help="onedp: learning rate of the generator-score network")
+    # BRIDGeR (agents/bridger.py)
+    bridger_interpolant: str = option("linear", choices=("linear", "power3"),
+                                      help="bridger: I(t, x0, x1) = (1-t) x0 + t x1 (linear) or (1-t)^3 x0 + "
+                                           "(1-(1-t)^3) x1 (power3)")
+    bridger_gamma: float = option(0.03, min=0.0, help="bridger: d in the latent noise gamma(t) = d sqrt(2t(1-t)) "
+                                                      "(the authors' beta_max; 0: no latent noise)")
+    bridger_t_eps: float = option(1e-3, help="bridger: train on t ~ U[t_eps, 1-t_eps] (gamma'(t) is infinite at "
+                                             "0 and 1); the sampler clips its times to it")
     log_every: int = option(50, min=1)
     save_every: int = option(500, min=1)
     eval_every: int = option(0, min=0, help="0: no periodic rollouts")
@@ -121,19 +136,22 @@ class TrainBaselineConfig:
             raise ValueError(f"--cp-target-decay must lie in [0, 1), got {self.cp_target_decay}.")
         if not self.onedp_t_min <= self.onedp_t_max:
             raise ValueError("--onedp-t-min must not exceed --onedp-t-max.")
+        if not 0.0 < self.bridger_t_eps < 0.5:
+            raise ValueError(f"--bridger-t-eps must lie in (0, 0.5), got {self.bridger_t_eps}.")
 
     @property
     def eval_method(self) -> str:  # what agents/training.py's _rollout_score runs
-        return "cp:1" if self.method == "cp" else "onedp"
+        return {"cp": "cp:1", "onedp": "onedp", "bridger": "bridger:2"}[self.method]
 
 
 class Distiller:
     """One method's networks and training step. ``student``: the network that is EMA'd and saved (the agent's);
-    ``aux``: the second trained network (CP's target, OneDP's generator-score net; training state only)."""
+    ``aux``: the second trained network (CP's target, OneDP's generator-score net; training state only), None
+    for a method with one network (BRIDGeR)."""
 
     method: str
     student: Backbone
-    aux: Backbone
+    aux: Backbone | None = None
     aux_optimizer = None
     aux_schedule = None
 
@@ -144,9 +162,14 @@ class Distiller:
         raise NotImplementedError
 
 
-def make_distiller(teacher: Backbone, cfg: TrainBaselineConfig, optimizer_factory) -> Distiller:
+def make_distiller(teacher: Backbone, cfg: TrainBaselineConfig, optimizer_factory, actions: Tensor) -> Distiller:
+    """``actions``: the raw action windows (N, H, A) of the WindowBank (BRIDGeR fits its source to them)."""
     if cfg.top_t >= teacher.cfg.num_train_timesteps:
         raise ValueError(f"--top-t must be below the teacher's {teacher.cfg.num_train_timesteps} timesteps.")
+    if cfg.method == "bridger":
+        from agents.bridger import BridgerDistiller
+
+        return BridgerDistiller(teacher, cfg, actions, optimizer_factory)
     if cfg.method == "cp":
         from agents.consistency import ConsistencyDistiller
 
@@ -218,7 +241,7 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
     if len(bank) == 0:
         raise ValueError("Dataset too small: no training windows.")
 
-    distiller = make_distiller(teacher, cfg, make_optimizer)
+    distiller = make_distiller(teacher, cfg, make_optimizer, bank.action)
     student = distiller.student
     optimizer, lr_schedule, ema = make_optimizer(student, cfg)
     distiller.optimizer, distiller.lr_schedule = optimizer, lr_schedule
@@ -235,7 +258,8 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         if meta.get("fingerprint") != fingerprint:
             raise ValueError(f"{out} holds a run of another method, teacher or setting; choose another --out.")
         student.load_state_dict(_rename(tensors, "model.", ""))
-        distiller.aux.load_state_dict(_rename(tensors, "aux.", ""))
+        if distiller.aux is not None:
+            distiller.aux.load_state_dict(_rename(tensors, "aux.", ""))
         optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         lr_schedule.load_state_dict(meta["lr_schedule"])
         if distiller.aux_optimizer is not None:
@@ -255,8 +279,9 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         print(f"resuming from step {step} in {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    trainable = sum(p.numel() for p in student.parameters()) + sum(
-        p.numel() for p in distiller.aux.parameters() if distiller.aux_optimizer is not None)
+    trainable = sum(p.numel() for p in student.parameters())
+    if distiller.aux_optimizer is not None:  # a trained second network (OneDP's score net; CP's target is an EMA)
+        trainable += sum(p.numel() for p in distiller.aux.parameters())
 
     def averaged() -> Backbone:
         return mark_distilled(_ema_backbone(student, ema), settings)
@@ -267,7 +292,8 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
                  "trainable_parameters": trainable}
         files = policy_files(averaged(), task, obs_type, extra=extra)
         tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
-        tensors.update({f"aux.{k}": v for k, v in distiller.aux.state_dict().items()})
+        if distiller.aux is not None:
+            tensors.update({f"aux.{k}": v for k, v in distiller.aux.state_dict().items()})
         opt_tensors, opt_meta = flatten_optimizer(optimizer)
         tensors.update(opt_tensors)
         meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
@@ -384,8 +410,9 @@ def find_distilled(checkpoint, method: str) -> Path:
 def make_distilled_agent(name: str, steps: int | None, env, task: str | None = None, checkpoint: str | None = None,
                          seed: int = 0, backbone=None, predictor_model=None, predictor=None, runtime: str | None = None,
                          **unused):
-    """``cp[:k]`` / ``onedp`` behind ``make_agent``. ``backbone``: an already loaded student (a teacher backbone,
-    as ``step bench`` passes for every method, is ignored and the student is loaded from ``checkpoint``)."""
+    """``cp[:k]`` / ``onedp`` / ``bridger[:k]`` behind ``make_agent``. ``backbone``: an already loaded student (a
+    teacher backbone, as ``step bench`` passes for every method, is ignored and the student is loaded from
+    ``checkpoint``)."""
     from agents.checkpoint import features_from_spaces
     from agents.factory import _env_task, _single_spaces
 
@@ -406,6 +433,11 @@ def make_distilled_agent(name: str, steps: int | None, env, task: str | None = N
         from agents.consistency import ConsistencyAgent
 
         return ConsistencyAgent(backbone, action_space, batch_size=batch, seed=seed, steps=1 if steps is None else steps)
+    if name == "bridger":
+        from agents.bridger import DEFAULT_STEPS, BridgerAgent
+
+        return BridgerAgent(backbone, action_space, batch_size=batch, seed=seed,
+                            steps=DEFAULT_STEPS if steps is None else steps)
     from agents.onedp import OneDPAgent
 
     if steps not in (None, 1):
@@ -418,8 +450,42 @@ def copy_for_timing(spec_name: str, backbone: Backbone) -> Backbone:
     network, so the same cost per call; its outputs are not the method's)."""
     if spec_name not in DISTILLED_METHODS or distilled_settings(backbone) is not None:
         return backbone
-    from agents.consistency import default_settings as cp_defaults
-    from agents.onedp import default_settings as onedp_defaults
+    if spec_name == "cp":
+        from agents.consistency import default_settings
 
-    defaults = cp_defaults if spec_name == "cp" else onedp_defaults
-    return mark_distilled(copy.deepcopy(backbone), defaults(backbone.cfg))
+        settings = default_settings(backbone.cfg)
+    elif spec_name == "onedp":
+        from agents.onedp import default_settings
+
+        settings = default_settings(backbone.cfg)
+    else:
+        from agents.bridger import default_settings
+
+        settings = default_settings(backbone.cfg, backbone.features.action_dim)  # source N(0, I): no data here
+    return mark_distilled(copy.deepcopy(backbone), settings)
+
+
+class DistilledAgent(DiffusionAgent):
+    """DiffusionAgent mechanics (history, chunk cache, per-row generators, unnormalise + clip into the action
+    space + execute Ta actions) for a student tagged with ``method``'s settings; subclasses write ``plan`` and
+    end it with ``clip`` (the teacher config's x0 clip in the normalised space)."""
+
+    method: str
+
+    def __init__(self, backbone: Backbone, action_space, batch_size: int | None = None, seed: int = 0,
+                 steps: int = 1):
+        settings = distilled_settings(backbone)
+        if settings is None or settings.get("method") != self.method:
+            raise ValueError(f"{type(self).__name__} needs a {DISTILLED_NAMES[self.method]} student (step "
+                             f"train-baseline --method {self.method}).")
+        # the DDIM config only satisfies DiffusionAgent's checks; ``plan`` replaces its sampler
+        super().__init__(backbone, AgentConfig(method="ddim", steps=1, seed=seed), action_space, batch_size)
+        self.cfg = dataclasses.replace(self.cfg, steps=steps)
+        self.settings = settings
+        pc = backbone.cfg
+        self.clip_range = pc.clip_sample_range if pc.clip_sample else None
+        self.nfe_per_replan = float(steps)
+        self.actions_per_replan = pc.n_action_steps
+
+    def clip(self, chunk: Tensor) -> Tensor:
+        return chunk.clamp(-self.clip_range, self.clip_range) if self.clip_range is not None else chunk

@@ -37,7 +37,6 @@ settings; only the stochastic generator (OneDP-S) is built, not OneDP-D (a deter
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +44,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.diffusion_agents import AgentConfig, DiffusionAgent
-from agents.distill import Distiller, distilled_settings, gather, schedule_tables, x0_estimate
+from agents.distill import DistilledAgent, Distiller, gather, schedule_tables, x0_estimate
 from agents.samplers import randn
 
 
@@ -122,25 +120,16 @@ class OneDPDistiller(Distiller):
                 "teacher_dsm": float(F.mse_loss(eps_real, noise))}
 
 
-class OneDPAgent(DiffusionAgent):
-    """DiffusionAgent mechanics (history, chunk cache, per-row generators); the plan is one generator call."""
+class OneDPAgent(DistilledAgent):
+    """The shared distilled-agent mechanics (agents/distill.py); the plan is one generator call."""
 
     method = "onedp"
 
     def __init__(self, backbone: Backbone, action_space, batch_size: int | None = None, seed: int = 0):
-        settings = distilled_settings(backbone)
-        if settings is None or settings.get("method") != "onedp":
-            raise ValueError("OneDPAgent needs a OneDP generator (step train-baseline --method onedp).")
-        super().__init__(backbone, AgentConfig(method="ddim", steps=1, seed=seed), action_space, batch_size)
-        self.cfg = dataclasses.replace(self.cfg, steps=1)
-        self.t_g = int(settings["generator_t"])
+        super().__init__(backbone, action_space, batch_size, seed, steps=1)
+        self.t_g = int(self.settings["generator_t"])
         self.a, self.b = schedule_tables(backbone.cfg)
-        pc = backbone.cfg
-        self.clip = pc.clip_sample_range if pc.clip_sample else None
-        self.nfe_per_replan = 1.0
-        self.actions_per_replan = pc.n_action_steps
 
     def plan(self, cond: Tensor) -> Tensor:
         z = randn((self.rows, *self.backbone.action_shape), self.generators, cond.device)
-        out = generate(self.backbone, z, cond, self.t_g, self.a, self.b)
-        return out.clamp(-self.clip, self.clip) if self.clip is not None else out
+        return self.clip(generate(self.backbone, z, cond, self.t_g, self.a, self.b))

@@ -1,5 +1,5 @@
-"""Issue 15: Consistency Policy (cp:k) and OneDP (onedp) distilled from the DDPM backbone (agents/consistency.py,
-agents/onedp.py, agents/distill.py)."""
+"""Issue 15: Consistency Policy (cp:k) and OneDP (onedp) distilled from the DDPM backbone, and BRIDGeR (bridger:k)
+trained from its weights (agents/consistency.py, agents/onedp.py, agents/bridger.py, agents/distill.py)."""
 
 import json
 import shutil
@@ -24,12 +24,13 @@ def _config(method, teacher, dataset, out, **overrides):
 
 @pytest.fixture(scope="module")
 def distilled(tiny_dataset, tiny_checkpoint, tmp_path_factory):
-    """A copy of the tiny teacher with a 3-step cp/ and onedp/ student in it (the layout make_agent looks for)."""
+    """A copy of the tiny teacher with a 3-step cp/, onedp/ and bridger/ student in it (the layout make_agent looks
+    for)."""
     from agents.distill import train_baseline
 
     root = tmp_path_factory.mktemp("distilled") / "policy"
     shutil.copytree(tiny_checkpoint, root)
-    for method in ("cp", "onedp"):
+    for method in ("cp", "onedp", "bridger"):
         report = train_baseline(_config(method, root, tiny_dataset, None))
         assert report["out"] == str(root / method) and report["step"] == 3
     return root
@@ -73,7 +74,7 @@ def _count_calls(agent):
     return count, handle
 
 
-@pytest.mark.parametrize("spec,calls", [("cp:1", 1), ("cp:3", 3), ("onedp", 1)])
+@pytest.mark.parametrize("spec,calls", [("cp:1", 1), ("cp:3", 3), ("onedp", 1), ("bridger", 2), ("bridger:3", 3)])
 def test_shapes_calls_and_determinism(distilled, spec, calls):
     env = make_env("pusht", obs_type="state")
     try:
@@ -92,6 +93,27 @@ def test_shapes_calls_and_determinism(distilled, spec, calls):
         env.close()
 
 
+@pytest.mark.parametrize("method", ["cp", "bridger"])
+def test_export_of_a_student_is_a_float16_copy_that_acts_alike(distilled, method, tmp_path):
+    from agents.checkpoint import export_checkpoint
+
+    out = tmp_path / method
+    report = export_checkpoint(distilled / method, out)
+    assert report["task"] == "pusht" and not report["predictor"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors"] + [n for n in ("loss.jsonl", "eval.jsonl", "train_config.json")
+                                                if (distilled / method / n).exists()])  # no optimiser state
+    assert json.loads((out / "config.json").read_text())["weights_dtype"] == "float16"
+    env = make_env("pusht", obs_type="state")
+    try:
+        spec = f"{method}:2"
+        original = run_steps(env, make_agent(spec, env, task="pusht", checkpoint=str(distilled), seed=5), 0, 9)
+        exported = run_steps(env, make_agent(spec, env, task="pusht", checkpoint=str(out), seed=5), 0, 9)
+        np.testing.assert_allclose(exported, original, rtol=5e-3)  # float16 weights, the same draws (raw units)
+    finally:
+        env.close()
+
+
 def test_cp_sampling_times():
     from agents.consistency import sampling_times
 
@@ -100,7 +122,7 @@ def test_cp_sampling_times():
     assert sampling_times(90, 3) == [90, 60, 30]
 
 
-@pytest.mark.parametrize("method", ["cp:2", "onedp"])
+@pytest.mark.parametrize("method", ["cp:2", "onedp", "bridger:2"])
 def test_batched_rows_equal_single_env_runs(distilled, method):
     assert_batched_rows_equal_single_runs(method, distilled, steps=10)
 
@@ -119,6 +141,14 @@ def test_refusals(distilled, tiny_checkpoint, tmp_path):
             make_agent("cp:1", env, task="pusht", checkpoint=str(distilled / "onedp"))
         with pytest.raises(ValueError, match="'cp' checkpoint"):
             make_agent("onedp", env, task="pusht", checkpoint=str(distilled / "cp"))
+        with pytest.raises(ValueError, match="no bridger/ folder"):
+            make_agent("bridger:2", env, task="pusht", checkpoint=str(tiny_checkpoint))
+        with pytest.raises(ValueError, match="'cp' checkpoint"):
+            make_agent("bridger:2", env, task="pusht", checkpoint=str(distilled / "cp"))
+        with pytest.raises(ValueError, match="'bridger' checkpoint"):
+            make_agent("cp:2", env, task="pusht", checkpoint=str(distilled / "bridger"))
+        with pytest.raises(ValueError, match="positive integer"):
+            make_agent("bridger:0", env, task="pusht", checkpoint=str(distilled))
         other = tmp_path / "other_task"
         shutil.copytree(distilled / "cp", other)
         config = json.loads((other / "config.json").read_text())
@@ -217,7 +247,7 @@ def test_cli_resume_records_and_refuses_another_method(distilled, tiny_dataset, 
     assert onedp["trainable_parameters"] == 2 * config["trainable_parameters"]
 
 
-def test_latency_times_both_on_a_teacher_copy(tiny_checkpoint):
+def test_latency_times_each_on_a_teacher_copy(tiny_checkpoint):
     from agents.checkpoint import load_policy
     from agents.factory import EnvSpaces
     from agents.peers import timing_backbone
@@ -226,9 +256,157 @@ def test_latency_times_both_on_a_teacher_copy(tiny_checkpoint):
     env = make_env("pusht", obs_type="state")
     try:
         spaces = EnvSpaces(env.observation_space, env.action_space)
-        for spec in ("cp:2", "onedp"):
+        for spec, calls in (("cp:2", 2.0), ("onedp", 1.0), ("bridger:2", 2.0)):
             timed = timing_backbone(spec, teacher)
             assert timed is not teacher and not hasattr(teacher, "distilled")
-            assert make_agent(spec, spaces, backbone=timed).nfe_per_replan == (2.0 if spec == "cp:2" else 1.0)
+            assert make_agent(spec, spaces, backbone=timed).nfe_per_replan == calls
     finally:
         env.close()
+
+
+# ---------------------------------------------------------------- BRIDGeR (agents/bridger.py)
+@pytest.mark.parametrize("kind", ["linear", "power3"])
+def test_bridger_interpolant_endpoints_and_velocity(kind):
+    from agents.bridger import interpolate
+
+    g = torch.Generator().manual_seed(0)
+    x0, x1, z = (torch.randn(3, 16, 2, generator=g) for _ in range(3))
+    at_source, _ = interpolate(kind, 0.03, torch.zeros(3, 1, 1), x0, x1, z)
+    at_data, _ = interpolate(kind, 0.03, torch.ones(3, 1, 1), x0, x1, z)
+    assert torch.equal(at_source, x0) and torch.equal(at_data, x1)  # gamma(0) = gamma(1) = 0: exactly
+    # the conditional velocity is d/dt of x_t for a fixed (x0, x1, z): central differences, float64
+    x0, x1, z = x0.double(), x1.double(), z.double()
+    t, h = torch.tensor([0.3, 0.5, 0.8], dtype=torch.float64).view(-1, 1, 1), 1e-6
+    _, velocity = interpolate(kind, 0.03, t, x0, x1, z)
+    ahead, _ = interpolate(kind, 0.03, t + h, x0, x1, z)
+    behind, _ = interpolate(kind, 0.03, t - h, x0, x1, z)
+    torch.testing.assert_close(velocity, (ahead - behind) / (2 * h), atol=1e-7, rtol=1e-6)
+
+
+def test_bridger_euler_with_the_exact_velocity_lands_on_the_data():
+    from agents.bridger import euler, interpolate
+
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(4, 16, 2, generator=g), torch.randn(4, 16, 2, generator=g)
+
+    def exact(kind):  # the conditional velocity of the pair, gamma = 0
+        return lambda t, x: interpolate(kind, 0.0, torch.tensor(t), x0, x1, torch.zeros_like(x0))[1]
+
+    for k in (1, 2, 5):  # linear: a constant velocity, so any grid is exact
+        torch.testing.assert_close(euler(exact("linear"), x0, k, 1e-3), x1)
+    # power3's velocity 3 (1-t)^2 (x1 - x0) varies with t: first-order Euler overshoots by (3/(2k) + 1/(2k^2)) |x1 - x0|
+    errors = [float((euler(exact("power3"), x0, k, 1e-6) - x1).abs().max()) for k in (4, 40, 400)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.004 * float((x1 - x0).abs().max()), errors
+
+
+def test_bridger_source_statistics_of_known_windows():
+    from agents.bridger import fit_source
+
+    backbone = _tiny_backbone()  # action_min 0, action_max 1: normalised = 2 a - 1
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.rand(16, 2, generator=g), torch.rand(16, 2, generator=g)
+    mean, std = fit_source(backbone, torch.stack([a, b, a, b]))
+    torch.testing.assert_close(mean, a + b - 1)  # ((2a - 1) + (2b - 1)) / 2
+    torch.testing.assert_close(std, (a - b).abs())  # population std of two values
+
+
+def test_bridger_checkpoint_records_the_fitted_source(distilled, tiny_dataset):
+    from agents.bridger import fit_source
+    from agents.checkpoint import load_policy
+    from agents.distill import read_distilled_config
+    from agents.training import WindowBank, load_frames
+
+    teacher, _ = load_policy(distilled)
+    mean, std = fit_source(teacher, WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg).action)
+    config = read_distilled_config(distilled / "bridger")
+    settings = config["distilled"]
+    assert config["method"] == "bridger" and settings["interpolant"] == "linear"
+    assert settings["gamma_scale"] == 0.03 and settings["t_eps"] == 1e-3
+    torch.testing.assert_close(torch.tensor(settings["source_mean"]), mean)
+    torch.testing.assert_close(torch.tensor(settings["source_std"]), std)
+    assert float(std.min()) >= 0 and float(std.max()) > 0
+    assert config["trainable_parameters"] == sum(p.numel() for p in teacher.parameters())  # one network
+
+
+def test_bridger_plan_is_the_source_draw_and_k_euler_steps(tiny_checkpoint):
+    from agents.bridger import BridgerAgent, default_settings
+    from agents.checkpoint import load_policy
+    from agents.distill import mark_distilled
+
+    teacher, _ = load_policy(tiny_checkpoint)
+    g = torch.Generator().manual_seed(3)
+    mean, std = 0.1 * torch.randn(16, 2, generator=g), 0.5 + torch.rand(16, 2, generator=g)
+    student = mark_distilled(teacher, default_settings(teacher.cfg, 2, source_mean=mean, source_std=std))
+    env = make_env("pusht", obs_type="state")
+    try:
+        agent = BridgerAgent(student, env.action_space, seed=7, steps=3)
+        cond = _cond(student, 1)
+        with torch.no_grad():
+            chunk = agent.plan(cond)
+            x = mean + std * torch.randn(1, 16, 2, generator=torch.Generator().manual_seed(7))
+            for t in (1e-3, 1 / 3, 2 / 3):  # t = 0 clipped to t_eps; the U-Net's timestep is (1 - t) * 99
+                x = x + student.denoise(x, torch.tensor([(1 - t) * 99]), cond) / 3
+        torch.testing.assert_close(chunk, x.clamp(-1, 1))
+    finally:
+        env.close()
+
+
+def test_bridger_loss_falls_on_a_short_run(tiny_dataset, tiny_checkpoint):
+    """A fixed batch, the same source draw, times and noise every step: the velocity loss must fall."""
+    from agents.bridger import BridgerDistiller
+    from agents.checkpoint import load_policy
+    from agents.training import WindowBank, load_frames, make_optimizer
+
+    teacher, _ = load_policy(tiny_checkpoint)
+    cfg = _config("bridger", tiny_checkpoint, tiny_dataset, None, steps=25, lr=1e-3, warmup_steps=0)
+    bank = WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg)
+    distiller = BridgerDistiller(teacher, cfg, bank.action)
+    assert distiller.aux is None
+    distiller.optimizer, distiller.lr_schedule, _ = make_optimizer(distiller.student, cfg)
+    obs, action, _ = bank.batch(torch.arange(16))
+    losses = [distiller.train_step(obs, action, torch.Generator().manual_seed(1))["loss"] for _ in range(25)]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_bridger_config_checks():
+    import dataclasses
+
+    from agents.bridger import INTERPOLANTS
+    from agents.distill import TrainBaselineConfig
+
+    field = {f.name: f for f in dataclasses.fields(TrainBaselineConfig)}["bridger_interpolant"]
+    assert field.metadata["choices"] == INTERPOLANTS
+    with pytest.raises(ValueError, match="--bridger-t-eps"):
+        _config("bridger", "t", "d", None, bridger_t_eps=0.0)
+    with pytest.raises(ValueError, match="--bridger-interpolant"):
+        _config("bridger", "t", "d", None, bridger_interpolant="cubic")
+    with pytest.raises(ValueError, match="--bridger-gamma"):
+        _config("bridger", "t", "d", None, bridger_gamma=-0.1)
+    assert _config("bridger", "t", "d", None).eval_method == "bridger:2"
+
+
+def test_bridger_cli_resume_and_refusals(distilled, tiny_dataset, tmp_path):
+    from agents.cli import main
+    from agents.distill import read_distilled_config, train_baseline
+
+    out = tmp_path / "bridger"
+    shutil.copytree(distilled / "bridger", out)
+    rc = main(["train-baseline", "--method", "bridger", "--teacher", str(distilled), "--dataset", str(tiny_dataset),
+               "--out", str(out), "--steps", "5", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
+               "--threads", "1", "--eval-every", "5", "--eval-episodes", "1", "--eval-max-steps", "10"])
+    assert rc == 0
+    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    evaluation = json.loads((out / "eval.jsonl").read_text())  # a seeded rollout of bridger:2 on the EMA student
+    assert evaluation["step"] == 5 and evaluation["episodes"] == 1
+    config = read_distilled_config(out)
+    assert config["train_step"] == 5
+    assert config["distilled"] == read_distilled_config(distilled / "bridger")["distilled"]  # the same source
+    with pytest.raises(ValueError, match="another method"):
+        train_baseline(_config("cp", distilled, tiny_dataset, out, steps=6))
+    with pytest.raises(ValueError, match="another method"):  # another setting
+        train_baseline(_config("bridger", distilled, tiny_dataset, out, steps=6, bridger_interpolant="power3"))
+    cp_out = tmp_path / "cp"
+    shutil.copytree(distilled / "cp", cp_out)
+    with pytest.raises(ValueError, match="another method"):
+        train_baseline(_config("bridger", distilled, tiny_dataset, cp_out, steps=6))

@@ -66,7 +66,14 @@ def test_export_halves_weights_and_keeps_the_predictor_link(tiny_checkpoint, tmp
         torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4, msg=name)
     # A second export into the same folder is refused unless asked for.
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 2
+    # Re-exporting the backbone keeps the release's side folders (a streaming fine-tune, distilled students),
+    # but not unrelated ones.
+    (out / "cp").mkdir()
+    (out / "cp" / "marker").write_text("student")
+    (out / "scratch").mkdir()
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "cp" / "marker").read_text() == "student" and not (out / "scratch").exists()
+    assert export_checkpoint(tiny_checkpoint, out, overwrite=True)["kept"] == ["cp"]
 
 
 # ------------------------------------------------------------------ fast path: precision, threads, exact resume
