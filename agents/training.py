@@ -628,10 +628,13 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     base = PredictorConfig.for_policy(pc, backbone.features.action_dim, train.cond.shape[1],
                                       prev_dropout=cfg.prev_dropout)
     model = Predictor(base)
+    t0 = time.time()
     _fit_predictor(model, train, cfg, "train-predictor")
     params = sum(p.numel() for p in model.parameters())
+    # training seconds and threads: the cost table (agents/cost.py) puts them beside the distilled peers'
     extra = {"policy_checkpoint": str(Path(cfg.policy).resolve()), "parameters": params,
-             "train_config": dataclasses.asdict(cfg)}
+             "train_config": dataclasses.asdict(cfg), "train_seconds": round(time.time() - t0, 1),
+             "train_threads": torch.get_num_threads()}
     # Save before the (long) ablation so that stopping it never loses the predictor itself.
     save_predictor(out, model, backbone, extra=extra)
     models: dict[str, Predictor | None] = {"predictor": model, "temporal_only": None}

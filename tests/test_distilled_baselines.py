@@ -410,3 +410,29 @@ def test_bridger_cli_resume_and_refusals(distilled, tiny_dataset, tmp_path):
     shutil.copytree(distilled / "cp", cp_out)
     with pytest.raises(ValueError, match="another method"):
         train_baseline(_config("bridger", distilled, tiny_dataset, cp_out, steps=6))
+
+
+def test_cost_table_reads_what_the_trainings_recorded(distilled, tmp_path):
+    from safetensors.torch import load_file
+
+    from agents.cost import CostConfig, run_cost
+
+    rows = [{"method": m, "steps": k, "episodes": 4, "seed_start": 0, "success_rate": rate}
+            for m, k, rate in [("ddpm", 100, 0.75), ("step", 2, 0.5), ("cp", 1, 0.25), ("bridger", 2, 1.0)]]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "results.json").write_text(json.dumps({"task": "pusht", "rows": rows}))
+    report = run_cost(CostConfig(task="pusht", checkpoint=str(distilled), results=str(results), out=str(tmp_path / "o")))
+    by = {r["method"]: r for r in report["rows"]}
+    assert list(by) == ["ddpm", "step", "cp", "onedp", "bridger"]
+    weights = load_file(str(distilled / "model.safetensors"))
+    assert by["ddpm"]["trainable_parameters"] == sum(v.numel() for k, v in weights.items() if not k.startswith("normalizer."))
+    assert by["ddpm"]["steps"] == 6 and by["cp"]["steps"] == 3 and by["bridger"]["steps"] == 3
+    predictor = json.loads((distilled / "predictor" / "config.json").read_text())
+    assert by["step"]["trainable_parameters"] == predictor["parameters"] and by["step"]["steps"] == 5
+    assert by["step"]["wall_seconds"] == predictor["train_seconds"] and by["step"]["threads"] == predictor["train_threads"]
+    assert by["cp"]["threads"] == 1 and by["cp"]["core_hours"] == pytest.approx(by["cp"]["wall_seconds"] / 3600)
+    assert by["step"]["success"] == {"step:2": 0.5} and by["onedp"]["success"] == {}
+    assert "seeds 0-3" in report["table"] and (tmp_path / "o" / "cost.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="not 'lift'"):
+        run_cost(CostConfig(task="lift", checkpoint=str(distilled), results=str(results)))
