@@ -90,6 +90,8 @@ class Predictor(nn.Module):
         super().__init__()
         if cfg.cond_dim % cfg.n_obs_steps:
             raise ValueError(f"cond_dim {cfg.cond_dim} is not a multiple of n_obs_steps {cfg.n_obs_steps}")
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"d_model {cfg.d_model} is not a multiple of n_heads {cfg.n_heads}")
         self.cfg = cfg
         d = cfg.d_model
         self.obs_embed = nn.Linear(cfg.cond_dim // cfg.n_obs_steps, d)
@@ -103,7 +105,9 @@ class Predictor(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d, cfg.n_heads, cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
         )
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_encoder_layers, enable_nested_tensor=False)
+        # 0 layers: the cross blocks attend to the embedded tokens directly (the small, low-latency variant)
+        self.encoder = (nn.TransformerEncoder(layer, cfg.n_encoder_layers, enable_nested_tensor=False)
+                        if cfg.n_encoder_layers else nn.Identity())
         self.blocks = nn.ModuleList(CrossBlock(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_cross_blocks))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.action_dim)

@@ -492,6 +492,14 @@ class TrainPredictorConfig:
                                    "(backbone's own DDIM chunk there)")
     prev_policy_steps: int = option(10, min=1, help="DDIM steps for --prev-source policy")
     ablation: bool = option(True, help="skip the spatial-only predictor (trained by default and reported)")
+    # the predictor's size (agents/predictor.py); the default is the paper-sized 0.4 M model, the small one
+    # (--n-encoder-layers 0 --n-cross-blocks 1) costs a third of its batch-1 time
+    d_model: int = option(PredictorConfig.d_model, min=8)
+    n_heads: int = option(PredictorConfig.n_heads, min=1)
+    ff_dim: int = option(PredictorConfig.ff_dim, min=8)
+    n_encoder_layers: int = option(PredictorConfig.n_encoder_layers, min=0,
+                                   help="self-attention layers over the observation and previous-chunk tokens")
+    n_cross_blocks: int = option(PredictorConfig.n_cross_blocks, min=1)
     seed: int = 0
     threads: int = option(0, min=0, help="torch CPU threads (0: every core)")
     precision: str = option("auto", help="auto | bf16 | fp32 for the predictor's forward pass (auto: fp32, a 0.4 M "
@@ -626,7 +634,9 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     val = build_predictor_pairs(backbone, data, sample_indices(data, drop, val_eps or train_eps), cfg)
 
     base = PredictorConfig.for_policy(pc, backbone.features.action_dim, train.cond.shape[1],
-                                      prev_dropout=cfg.prev_dropout)
+                                      prev_dropout=cfg.prev_dropout, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                                      ff_dim=cfg.ff_dim, n_encoder_layers=cfg.n_encoder_layers,
+                                      n_cross_blocks=cfg.n_cross_blocks)
     model = Predictor(base)
     t0 = time.time()
     _fit_predictor(model, train, cfg, "train-predictor")

@@ -43,3 +43,20 @@ def test_training_pairs_are_truly_shifted(tiny_dataset, tiny_checkpoint):
     assert torch.allclose(raw_prev[1], data.action[3:19], atol=1e-3)
     assert pairs.has_prev.tolist() == [True, True, False]
     assert not torch.allclose(pairs.prev[0], pairs.target[0])
+
+
+def test_small_predictor_without_self_attention():
+    import pytest
+
+    small = Predictor(PredictorConfig(cond_dim=36, n_encoder_layers=0, n_cross_blocks=1)).eval()
+    default = Predictor(PredictorConfig(cond_dim=36))
+    assert isinstance(small.encoder, torch.nn.Identity) and len(small.blocks) == 1
+    assert count_parameters(small) < 0.4 * count_parameters(default)
+    cond, prev = torch.randn(3, 36), torch.randn(3, 16, 2)
+    assert torch.allclose(small(cond, prev), shift_chunk(prev, 8))  # the same residual start
+    with torch.no_grad():
+        small.head.weight.normal_()
+    mixed = small(cond, prev, torch.tensor([True, False, True]))
+    assert torch.allclose(mixed[1], small(cond[1:2], None)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of n_heads"):
+        Predictor(PredictorConfig(cond_dim=36, d_model=30, n_heads=4))
