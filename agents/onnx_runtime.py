@@ -411,6 +411,22 @@ class OnnxGraphs:
         return self.session(name).run(None, feeds)
 
 
+# Noise draws per row fetched at once by the ONNX agent. A torch op between two ORT runs costs about 0.1 ms at
+# batch 1 on the 2-core machine, far beyond its own 5 us (measured: one randn of a (16, 2) chunk before each
+# chunk-graph run, 2.05 vs 1.94 ms median over 1500 alternating calls; a numpy draw 1.97), so the replan path
+# makes one torch call per DRAW_BLOCK draws instead of one per draw.
+DRAW_BLOCK = 64
+
+
+def draws_match_in_blocks(shape) -> bool:
+    """Whether one randn of (n, *shape) gives the numbers of n randn of ``shape`` from the same CPU generator (true
+    when the count is a multiple of 16, torch's vectorised normal; checked here, not assumed, so that the ONNX
+    agent's noise always equals the torch agent's)."""
+    a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    together = torch.randn((3, *shape), generator=a)
+    return torch.equal(together, torch.stack([torch.randn(shape, generator=b) for _ in range(3)]))
+
+
 def _np(x: Tensor) -> np.ndarray:
     # Tensor.numpy() is a view, not a dispatched torch op (detach is); contiguous arrays pass through ascontiguousarray
     return np.ascontiguousarray(x.detach().numpy() if x.requires_grad else x.numpy())
@@ -467,9 +483,10 @@ class OnnxDiffusionAgent(DiffusionAgent):
         for name in self.needed:  # open (or export) every session now, not in the first act()
             self.graphs.session(name)
         self.nfe_calls = 0  # network evaluations run so far (for `step latency`'s NFE count)
-        # Per-replan buffers: the noise draws (0: noise, 1: xi) land in one tensor whose numpy view is fed as it is
-        self._noise = torch.empty(2, self.rows, *backbone.action_shape)
-        self._noise_np = self._noise.numpy()
+        # The noise draws, fetched DRAW_BLOCK at a time per row (see _draw); fed to ORT as numpy views of the pool
+        self._block = DRAW_BLOCK if draws_match_in_blocks(backbone.action_shape) else 1
+        self._pool = torch.empty(self._block, self.rows, *backbone.action_shape)
+        self._pool_np = self._pool.numpy()
         if cfg.method == "step":
             self.stall = NumpyStallDetector(cfg.stall, shift=backbone.cfg.n_action_steps)
             self._lam = np.ones((self.rows, 1, 1), np.float32)
@@ -485,12 +502,20 @@ class OnnxDiffusionAgent(DiffusionAgent):
             feeds[name] = _np(x)
         return feeds
 
-    def _draw(self, index: int) -> np.ndarray:
-        """Noise draw ``index`` (0: noise, 1: xi) of this replan, row i from generator i: ``randn(shape, generators)``."""
-        buf = self._noise[index]
-        for row, g in enumerate(self.generators):
-            torch.randn(buf.shape[1:], generator=g, out=buf[row])
-        return self._noise_np[index]
+    def reset(self) -> None:
+        super().reset()  # new generators: numbers drawn ahead from the old ones are dropped
+        self._pool_left = 0
+
+    def _draw(self) -> np.ndarray:
+        """The next Gaussian draw (B, H, A), row i from generator i: what the torch agent's ``randn(shape,
+        generators)`` gives, in the same order (a replan's noise, then its xi)."""
+        if self._pool_left == 0:
+            for row, g in enumerate(self.generators):
+                self._pool[:, row] = torch.randn((self._block, *self._pool.shape[2:]), generator=g)
+            self._pool_left = self._block
+        draw = self._pool_np[self._block - self._pool_left]
+        self._pool_left -= 1
+        return draw
 
     def _denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         self.nfe_calls += 1
@@ -522,7 +547,7 @@ class OnnxDiffusionAgent(DiffusionAgent):
                 actions = self.backbone.unnormalize_action(chunk[:, start : start + pc.n_action_steps])
             return chunk, actions.numpy()
         if cfg.method == "ddim":
-            feeds["noise"] = self._draw(0)
+            feeds["noise"] = self._draw()
             chunk, actions = self.graphs.run(graph_name("ddim", cfg.steps), feeds)
             self.nfe_calls += cfg.steps
             return torch.from_numpy(chunk), actions
@@ -530,7 +555,7 @@ class OnnxDiffusionAgent(DiffusionAgent):
         prev, source = self.prev_chunk, cfg.warm_source
         prev_np = None if prev is None else _np(prev)
         if prev is None and (cfg.first_call == "noise" or source == "temporal") and cfg.steps:
-            feeds["noise"] = self._draw(0)
+            feeds["noise"] = self._draw()
             name = graph_name("ddim", cfg.steps)
         else:
             noprev = source == "spatial" or (source == "predictor" and prev is None)
@@ -539,8 +564,8 @@ class OnnxDiffusionAgent(DiffusionAgent):
                 feeds["prev"] = prev_np
             if cfg.steps:
                 self.stall.coefficients_into(self._lam, self._sigma)
-                feeds["noise"] = self._draw(0)
-                feeds["xi"] = self._draw(1)  # drawn at every warm start, as the torch agent
+                feeds["noise"] = self._draw()
+                feeds["xi"] = self._draw()  # drawn at every warm start, as the torch agent
                 feeds["lam"], feeds["sigma"] = self._lam, self._sigma
         out, actions = self.graphs.run(name, feeds)
         self.nfe_calls += cfg.steps

@@ -62,6 +62,27 @@ def test_onnx_chunks_match_torch(tiny_checkpoint, exported, env, spec):
     assert onnx_agent.graphs._tmp is None  # every graph came from the shared folder, none re-exported
 
 
+def test_onnx_noise_pool_keeps_the_torch_stream_across_refills_and_resets(tiny_checkpoint, exported, env):
+    """The ONNX agent fetches its noise DRAW_BLOCK draws at a time: past a refill and after a reset its chunks are
+    still the torch agent's (a shape whose block draw would differ falls back to one draw per call)."""
+    from agents.onnx_runtime import DRAW_BLOCK, draws_match_in_blocks
+
+    assert draws_match_in_blocks((16, 2)) and not draws_match_in_blocks((10, 3))
+    agents = [make_agent("step:1", env, checkpoint=str(tiny_checkpoint), seed=3, runtime=runtime,
+                         onnx_dir=str(exported)) for runtime in ("torch", "onnx")]
+    assert agents[1]._block == DRAW_BLOCK
+    history = _random_history(agents[0].backbone, torch.Generator().manual_seed(4))
+    calls = DRAW_BLOCK // 2 + 3  # two draws per warm start (noise, xi): the pool refills once
+    runs = []
+    for agent in agents:
+        chunks = _chunks(agent, history, calls)
+        agent.reset()
+        runs.append(chunks + [agent.chunk(history).clone()])  # after a reset: the seed's first draw again
+    for i, (x, y) in enumerate(zip(*runs)):
+        assert torch.allclose(x, y, atol=ATOL), f"chunk {i}: max diff {(x - y).abs().max():.2e}"
+    assert torch.allclose(runs[1][-1], runs[1][0], atol=ATOL)
+
+
 @pytest.mark.parametrize("eps", [1e9, 0.0, None])  # always stalled, never stalled, a threshold among the deltas
 def test_onnx_stall_detector_matches_torch(tiny_checkpoint, exported, env, eps):
     """The ONNX agent's numpy stall detector: same deltas, same (lam, sigma) switch, same chunks as the torch agent."""
