@@ -36,6 +36,8 @@ class BenchConfig:
     num_envs: int = option(50, min=1, help="envs batched per wave (one agent call per step for all of them)")
     checkpoint: str | None = option(None, help="policy checkpoint (default: the task's committed checkpoint, "
                                                "see agents/checkpoint.py:default_checkpoint)")
+    predictor: str | None = option(None, help="STEP's predictor checkpoint (default <checkpoint>/predictor), e.g. "
+                                              "the small one for the latency target")
     out: str | None = option(None, help="output folder (default results/<task>)")
     latency_calls: int = option(50, min=1)
     latency_threads: int = option(1, min=1, help="batch-1 latency is measured with a fixed torch thread count")
@@ -66,7 +68,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise FileNotFoundError(f"No policy checkpoint at {checkpoint}; train one with `step train-policy`.")
     methods = [parse_method(m) for m in cfg.methods]  # validate every spec before any work
     backbone, policy_cfg = load_policy(checkpoint, task=spec.name)
-    predictor_path = find_predictor(checkpoint)
+    predictor_path = Path(cfg.predictor) if cfg.predictor else find_predictor(checkpoint)
     predictor = load_predictor(predictor_path, backbone)[0] if predictor_path else None
     obs_type = policy_cfg["obs_type"]
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.episodes))
@@ -148,6 +150,9 @@ def merge_rows(out: Path, task: str, checkpoint: Path, cfg, rows: list[dict]) ->
     if previous["task"] != task or Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
         raise ValueError(f"--merge: {out}/results.json is for {previous['task']} / {previous['checkpoint']}, "
                          f"not {task} / {checkpoint}.")
+    if previous["config"].get("predictor") != cfg.predictor:
+        raise ValueError(f"--merge: {out}/results.json was made with predictor {previous['config'].get('predictor')}"
+                         f" (None: <checkpoint>/predictor), this run with {cfg.predictor}; use another --out.")
     if old and (old[0]["seed_start"], old[0]["episodes"]) != (cfg.seed_start, cfg.episodes):
         raise ValueError(f"--merge: {out}/results.json has seeds {seed_range(old[0])}, this run "
                          f"{cfg.seed_start}-{cfg.seed_start + cfg.episodes - 1}; merge only rows on the same seeds.")

@@ -281,7 +281,7 @@ def _half_weights(tensors: dict[str, torch.Tensor], keep_prefix: str | None) -> 
 
 # Folders of a release that other commands fill (the streaming fine-tune, the distilled students): each is a
 # self-contained policy (no link to the backbone's weights at run time), so re-exporting the backbone keeps them.
-RELEASE_SIDE_FOLDERS = ("streaming", "cp", "onedp", "bridger")
+RELEASE_SIDE_FOLDERS = ("streaming", "cp", "onedp", "bridger", "predictor_small")
 
 
 def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> dict:

@@ -243,6 +243,14 @@ def test_peer_specs_in_bench_latency_and_table(stream_checkpoint, tmp_path):
     assert [(r["method"], r["steps"]) for r in merged["rows"]][-1] == ("falcon", 4)
     assert len(merged["rows"]) == 6
     assert main(["table", str(out)]) == 0
+    # rows made with another STEP predictor (--predictor) are not mixed into these
+    from types import SimpleNamespace
+
+    from agents.bench import merge_rows
+
+    other = SimpleNamespace(predictor="elsewhere/predictor", seed_start=merged["rows"][0]["seed_start"], episodes=2)
+    with pytest.raises(ValueError, match="made with predictor None"):
+        merge_rows(out, "pusht", stream_checkpoint, other, [])
 
 
 def test_mare_falcon_row(tiny_checkpoint):
