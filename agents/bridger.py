@@ -58,7 +58,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.distill import DistilledAgent, Distiller
+from agents.distill import DistilledAgent, Distiller, optimize
 from agents.samplers import randn
 
 INTERPOLANTS = ("linear", "power3")
@@ -168,11 +168,7 @@ class BridgerDistiller(Distiller):
 
     def train_step(self, obs, action, generator, precision="fp32") -> dict[str, float]:
         loss = self.losses(obs, action, generator, precision)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.model.parameters(), 10.0)
-        self.optimizer.step()
-        self.lr_schedule.step()
+        optimize(loss, self.student, self.optimizer, self.lr_schedule)
         return {"loss": float(loss.detach())}
 
 

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.distill import DistilledAgent, Distiller, gather, schedule_tables
+from agents.distill import DistilledAgent, Distiller, gather, optimize, schedule_tables
 from agents.samplers import randn
 
 SIGMA_DATA = 0.5  # the data scale in c_skip / c_out (consistency models; actions are min-max normalised to [-1, 1])
@@ -133,11 +133,7 @@ class ConsistencyDistiller(Distiller):
 
     def train_step(self, obs, action, generator, precision="fp32") -> dict[str, float]:
         loss = self.losses(obs, action, generator, precision)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.model.parameters(), 10.0)
-        self.optimizer.step()
-        self.lr_schedule.step()
+        optimize(loss, self.student, self.optimizer, self.lr_schedule)
         with torch.no_grad():  # theta- <- mu theta- + (1 - mu) theta
             torch._foreach_lerp_(list(self.aux.parameters()), list(self.student.parameters()), 1.0 - self.decay)
         return {"loss": float(loss.detach())}

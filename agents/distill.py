@@ -162,6 +162,16 @@ class Distiller:
         raise NotImplementedError
 
 
+def optimize(loss: Tensor, net: Backbone, optimizer, schedule, max_norm: float = 10.0) -> None:
+    """One optimiser step of ``net`` on ``loss`` (gradient norm clipped as the backbone trainer does), then the
+    learning-rate schedule's step: the update every trained network of these methods makes."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.model.parameters(), max_norm)
+    optimizer.step()
+    schedule.step()
+
+
 def make_distiller(teacher: Backbone, cfg: TrainBaselineConfig, optimizer_factory, actions: Tensor) -> Distiller:
     """``actions``: the raw action windows (N, H, A) of the WindowBank (BRIDGeR fits its source to them)."""
     if cfg.top_t >= teacher.cfg.num_train_timesteps:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.distill import DistilledAgent, Distiller, gather, schedule_tables, x0_estimate
+from agents.distill import DistilledAgent, Distiller, gather, optimize, schedule_tables, x0_estimate
 from agents.samplers import randn
 
 
@@ -99,11 +99,7 @@ class OneDPDistiller(Distiller):
         scale = (sample.detach() - x0_real).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-4)
         g = (x0_fake - x0_real) / scale
         loss = 0.5 * F.mse_loss(sample, (sample.detach() - g).detach())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.model.parameters(), 10.0)
-        self.optimizer.step()
-        self.lr_schedule.step()
+        optimize(loss, self.student, self.optimizer, self.lr_schedule)
         # 2. generator-score network: denoising loss on the generator's (detached) samples
         t2 = torch.randint(0, self.num_t, (rows,), generator=generator)
         noise2 = torch.randn(shape, generator=generator)
@@ -111,11 +107,7 @@ class OneDPDistiller(Distiller):
         with autocast(precision):
             pred = self.aux.denoise(x2, t2, self.aux.global_cond(obs))
         score_loss = F.mse_loss(pred.float(), noise2)
-        self.aux_optimizer.zero_grad(set_to_none=True)
-        score_loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.aux.model.parameters(), 10.0)
-        self.aux_optimizer.step()
-        self.aux_schedule.step()
+        optimize(score_loss, self.aux, self.aux_optimizer, self.aux_schedule)
         return {"loss": float(loss.detach()), "score_loss": float(score_loss.detach()),
                 "teacher_dsm": float(F.mse_loss(eps_real, noise))}
 

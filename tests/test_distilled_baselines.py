@@ -221,21 +221,29 @@ def test_onedp_score_net_learns_and_generator_follows_the_score_difference(tiny_
     assert float(g.abs().max()) > 0
 
 
-def test_cli_resume_records_and_refuses_another_method(distilled, tiny_dataset, tmp_path):
+def _resume_by_cli(distilled, tiny_dataset, tmp_path, method):
+    """Copy the fixture's 3-step ``method`` run, resume it to step 5 through the CLI (a rollout of the EMA student
+    at step 5); return the folder and its config."""
     from agents.cli import main
-    from agents.distill import read_distilled_config, train_baseline
+    from agents.distill import read_distilled_config
 
-    out = tmp_path / "cp"
-    shutil.copytree(distilled / "cp", out)
-    rc = main(["train-baseline", "--method", "cp", "--teacher", str(distilled), "--dataset", str(tiny_dataset),
+    out = tmp_path / method
+    shutil.copytree(distilled / method, out)
+    rc = main(["train-baseline", "--method", method, "--teacher", str(distilled), "--dataset", str(tiny_dataset),
                "--out", str(out), "--steps", "5", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
                "--threads", "1", "--eval-every", "5", "--eval-episodes", "1", "--eval-max-steps", "10"])
     assert rc == 0
     steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
-    evaluation = json.loads((out / "eval.jsonl").read_text())  # a seeded rollout of cp:1 on the EMA student
+    assert steps == [1, 2, 3, 4, 5]  # the resumed run appends after the saved step
+    evaluation = json.loads((out / "eval.jsonl").read_text())
     assert evaluation["step"] == 5 and evaluation["episodes"] == 1
-    config = read_distilled_config(out)
+    return out, read_distilled_config(out)
+
+
+def test_cli_resume_records_and_refuses_another_method(distilled, tiny_dataset, tmp_path):
+    from agents.distill import read_distilled_config, train_baseline
+
+    out, config = _resume_by_cli(distilled, tiny_dataset, tmp_path, "cp")
     assert config["method"] == "cp" and config["task"] == "pusht" and config["train_step"] == 5
     assert config["distilled"] == {"method": "cp", "top_t": 90, "sigma_data": 0.5, "time_scale": 10.0}
     assert config["teacher_fingerprint"] and config["trainable_parameters"] > 0
@@ -386,20 +394,9 @@ def test_bridger_config_checks():
 
 
 def test_bridger_cli_resume_and_refusals(distilled, tiny_dataset, tmp_path):
-    from agents.cli import main
     from agents.distill import read_distilled_config, train_baseline
 
-    out = tmp_path / "bridger"
-    shutil.copytree(distilled / "bridger", out)
-    rc = main(["train-baseline", "--method", "bridger", "--teacher", str(distilled), "--dataset", str(tiny_dataset),
-               "--out", str(out), "--steps", "5", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
-               "--threads", "1", "--eval-every", "5", "--eval-episodes", "1", "--eval-max-steps", "10"])
-    assert rc == 0
-    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
-    evaluation = json.loads((out / "eval.jsonl").read_text())  # a seeded rollout of bridger:2 on the EMA student
-    assert evaluation["step"] == 5 and evaluation["episodes"] == 1
-    config = read_distilled_config(out)
+    out, config = _resume_by_cli(distilled, tiny_dataset, tmp_path, "bridger")
     assert config["train_step"] == 5
     assert config["distilled"] == read_distilled_config(distilled / "bridger")["distilled"]  # the same source
     with pytest.raises(ValueError, match="another method"):
