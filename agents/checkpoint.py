@@ -279,8 +279,9 @@ def _half_weights(tensors: dict[str, torch.Tensor], keep_prefix: str | None) -> 
             for k, v in tensors.items()}
 
 
-# Folders of a release that other commands fill (the streaming fine-tune, the distilled students): each is a
-# self-contained policy (no link to the backbone's weights at run time), so re-exporting the backbone keeps them.
+# Folders of a release that other commands fill (the streaming fine-tune, the distilled students, a second
+# predictor): the policies are self-contained (no link to the backbone's weights at run time), so re-exporting the
+# backbone keeps them; a kept predictor is refused at load, with the fingerprint error, if the backbone changed.
 RELEASE_SIDE_FOLDERS = ("streaming", "cp", "onedp", "bridger", "predictor_small")
 
 
