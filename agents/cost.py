@@ -85,17 +85,23 @@ def _row(part: str, method: str, parameters, steps, seconds, threads, report) ->
             "wall_seconds": seconds, "threads": threads, "core_hours": hours, "success": _success(report, method)}
 
 
-def cost_rows(cfg: CostConfig) -> list[dict]:
+def bench_report(cfg: CostConfig) -> dict | None:
+    """The task's ``step bench`` report (None when there is none); another task's is refused."""
+    results = Path(cfg.results) if cfg.results else Path("results") / cfg.task
+    report = _read_json(results / "results.json")
+    if report is not None and report.get("task") != cfg.task:
+        raise ValueError(f"{results} holds bench results of task {report.get('task')!r}, not {cfg.task!r}.")
+    return report
+
+
+def cost_rows(cfg: CostConfig, report: dict | None) -> list[dict]:
+    """One row per trained part of the task's release; ``report``: ``bench_report(cfg)``, for the success column."""
     from agents.checkpoint import default_checkpoint, read_policy_config
 
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.task)
     policy = read_policy_config(checkpoint)
     if policy["task"] != cfg.task:
         raise ValueError(f"{checkpoint} is a checkpoint of task {policy['task']!r}, not {cfg.task!r}.")
-    results = Path(cfg.results) if cfg.results else Path("results") / cfg.task
-    report = _read_json(results / "results.json")
-    if report is not None and report.get("task") != cfg.task:
-        raise ValueError(f"{results} holds bench results of task {report.get('task')!r}, not {cfg.task!r}.")
 
     last = _last_record(checkpoint / "loss.jsonl")
     train_config = _read_json(checkpoint / "train_config.json") or {}
@@ -165,9 +171,8 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
 
 
 def run_cost(cfg: CostConfig) -> dict:
-    rows = cost_rows(cfg)
-    results = Path(cfg.results) if cfg.results else Path("results") / cfg.task
-    report = _read_json(results / "results.json")
+    report = bench_report(cfg)
+    rows = cost_rows(cfg, report)
     seeds = "no bench report"
     if report is not None and report["rows"]:
         first = report["rows"][0]
