@@ -136,6 +136,36 @@ class PhaseExpert:
     def step(self) -> np.ndarray:
         raise NotImplementedError
 
+    # ------------------------------------------------ the pattern every RoboMimic expert repeats
+    def move_until(self, target, rot, gripper: float, then: str, tolerance: float, stall: bool = True,
+                   ready: bool = True) -> np.ndarray:
+        """Drive the grip site to (target, rot); go to phase ``then`` once it is within ``tolerance`` (or has
+        stalled short of it, with ``stall``) and ``ready`` holds, or when the phase times out."""
+        arm = self.arm()
+        arrived = reached(arm, target, tolerance) or (stall and self.stalled())
+        if (ready and arrived) or self.phase_steps > self.config.phase_timeout:
+            self.goto(then)
+        return arm.action(target, rot, gripper)
+
+    def grasp(self, point, rot, then: str, prefix: str = "", depth: float = 0.0, squared: bool = True,
+              close_rot: np.ndarray | None = None) -> np.ndarray | None:
+        """Approach and grasp from above, as three phases: ``{prefix}above`` (hover approach_height over
+        ``point``), ``{prefix}descend`` (onto point + depth; on, or blocked, and ``squared``) and ``{prefix}close``
+        (the fingers close in place for close_steps, the hand held at ``close_rot``, default down at its yaw),
+        then phase ``then``. None in any other phase."""
+        c, arm = self.config, self.arm()
+        if self.phase == prefix + "above":
+            target = point + np.array([0.0, 0.0, c.approach_height])
+            return self.move_until(target, rot, OPEN, prefix + "descend", c.tolerance, stall=False)
+        if self.phase == prefix + "descend":
+            target = point + np.array([0.0, 0.0, depth])
+            return self.move_until(target, rot, OPEN, prefix + "close", c.tolerance / 2, ready=squared)
+        if self.phase == prefix + "close":
+            if self.phase_steps >= c.close_steps:
+                self.goto(then)
+            return arm.action(arm.pos(), rot_z(arm.yaw()) @ DOWN if close_rot is None else close_rot, CLOSE)
+        return None
+
     def body_pos(self, name: str) -> np.ndarray:
         return np.array(self.sim_env.sim.data.get_body_xpos(name))
 
@@ -175,20 +205,9 @@ class LiftExpert(PhaseExpert):
         cube = self.body_pos(self.sim_env.cube.root_body)
         # The cube is symmetric under quarter turns: turn the hand by the smallest angle that squares up.
         yaw = arm.yaw() + wrap(body_yaw(self.body_xmat(self.sim_env.cube.root_body)) - arm.yaw(), np.pi / 2)
-        if self.phase == "above":
-            target = cube + [0, 0, c.approach_height]
-            if reached(arm, target, c.tolerance) or self.phase_steps > c.phase_timeout:
-                self.goto("descend")
-            return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
-        if self.phase == "descend":
-            target = cube + [0, 0, c.grasp_depth]
-            if reached(arm, target, c.tolerance / 2) or self.stalled() or self.phase_steps > c.phase_timeout:
-                self.goto("close")
-            return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
-        if self.phase == "close":
-            if self.phase_steps >= c.close_steps:
-                self.goto("lift")
-            return arm.action(arm.pos(), rot_z(arm.yaw()) @ DOWN, CLOSE)
+        action = self.grasp(cube, rot_z(yaw) @ DOWN, "lift", depth=c.grasp_depth)
+        if action is not None:
+            return action
         target = cube + [0, 0, c.lift_height]
         return arm.action(target, rot_z(arm.yaw()) @ DOWN, CLOSE)
 
@@ -239,39 +258,22 @@ class CanExpert(PhaseExpert):
         obj, goal = self._can()
         can = self.body_pos(obj.root_body)
         down = rot_z(0.0) @ DOWN  # a cylinder: any yaw grasps it
-        timed_out = self.phase_steps > c.phase_timeout
-        if self.phase == "above":
-            target = can + [0, 0, c.approach_height]
-            if reached(arm, target, c.tolerance) or timed_out:
-                self.goto("descend")
-            return arm.action(target, down, OPEN)
-        if self.phase == "descend":
-            target = can + [0, 0, c.grasp_depth]
-            if reached(arm, target, c.tolerance / 2) or self.stalled() or timed_out:
-                self.goto("close")
-            return arm.action(target, down, OPEN)
-        if self.phase == "close":
-            if self.phase_steps >= c.close_steps:
-                self.goto("lift")
-            return arm.action(arm.pos(), down, CLOSE)
+        action = self.grasp(can, down, "lift", depth=c.grasp_depth, close_rot=down)
+        if action is not None:
+            return action
         # Carry the can, not the hand: aim so that the can (held off-centre) ends over the goal.
         held_offset = arm.pos() - can
         base_z = env.bin2_pos[2]
+        above_goal = goal[:2] + held_offset[:2]
         if self.phase == "lift":
             target = np.array([arm.pos()[0], arm.pos()[1], base_z + c.carry_height])
-            if reached(arm, target, 2 * c.tolerance) or self.stalled() or timed_out:
-                self.goto("carry")
-            return arm.action(target, down, CLOSE)
+            return self.move_until(target, down, CLOSE, "carry", 2 * c.tolerance)
         if self.phase == "carry":
-            target = np.array([*(goal[:2] + held_offset[:2]), base_z + c.carry_height])
-            if reached(arm, target, 2 * c.tolerance) or self.stalled() or timed_out:
-                self.goto("lower")
-            return arm.action(target, down, CLOSE)
+            return self.move_until(np.array([*above_goal, base_z + c.carry_height]), down, CLOSE, "lower",
+                                   2 * c.tolerance)
         if self.phase == "lower":
-            target = np.array([*(goal[:2] + held_offset[:2]), base_z + c.release_height])
-            if reached(arm, target, c.tolerance) or self.stalled() or timed_out:
-                self.goto("open")
-            return arm.action(target, down, CLOSE)
+            return self.move_until(np.array([*above_goal, base_z + c.release_height]), down, CLOSE, "open",
+                                   c.tolerance)
         target = np.array([arm.pos()[0], arm.pos()[1], base_z + c.carry_height])
         return arm.action(target if self.phase_steps > c.open_steps else arm.pos(), down, OPEN)
 
@@ -334,25 +336,14 @@ class SquareExpert(PhaseExpert):
         handle = self.site_pos("SquareNut_handle_site")
         peg = np.array(env.sim.data.body_xpos[env.peg1_body_id])
         table_z = env.table_offset[2]
-        timed_out = self.phase_steps > c.phase_timeout
         # The handle runs along the nut's x axis: close the fingers across it (closing axis = nut y axis).
         grasp_yaw = arm.yaw() + wrap(nut_yaw - arm.yaw(), np.pi)
-        if self.phase == "above":
-            target = handle + [0, 0, c.approach_height]
-            if reached(arm, target, c.tolerance) or timed_out:
-                self.goto("descend")
-            return arm.action(target, rot_z(grasp_yaw) @ DOWN, OPEN)
-        if self.phase == "descend":
-            target = handle + [0, 0, c.grasp_depth]
-            squared = abs(wrap(grasp_yaw - arm.yaw())) < c.yaw_tolerance
-            if (squared and (reached(arm, target, c.tolerance / 2) or self.stalled())) or timed_out:
-                self.goto("close")
-            return arm.action(target, rot_z(grasp_yaw) @ DOWN, OPEN)
-        if self.phase == "close":
-            if self.phase_steps >= c.close_steps:
-                self.goto("lift")
+        squared = abs(wrap(grasp_yaw - arm.yaw())) < c.yaw_tolerance
+        action = self.grasp(handle, rot_z(grasp_yaw) @ DOWN, "lift", depth=c.grasp_depth, squared=squared)
+        if action is not None:
+            if self.phase == "lift":  # the fingers have just closed: choose where the nut goes
                 self.nut_goal_yaw = self.choose_nut_yaw(nut_yaw, float(np.linalg.norm((handle - nut)[:2])), peg)
-            return arm.action(arm.pos(), rot_z(arm.yaw()) @ DOWN, CLOSE)
+            return action
         # Held: the nut turns with the hand. Square it to the peg (quarter-turn symmetric) by turning the hand.
         yaw_error = wrap(self.nut_goal_yaw - nut_yaw)
         hold_rot = rot_z(arm.yaw() + yaw_error) @ DOWN
@@ -362,16 +353,14 @@ class SquareExpert(PhaseExpert):
             return arm.action(arm.pos() + [0, 0, 0.05], rot_z(arm.yaw()) @ DOWN, OPEN)
         if self.phase == "lift":
             target = np.array([arm.pos()[0], arm.pos()[1], table_z + c.carry_height + hand_minus_nut[2]])
-            if reached(arm, target, 2 * c.tolerance) or timed_out:
-                self.goto("align")
-            return arm.action(target, hold_rot, CLOSE)
+            return self.move_until(target, hold_rot, CLOSE, "align", 2 * c.tolerance, stall=False)
         if self.phase == "align":
             height = c.carry_height if np.linalg.norm(nut[:2] - peg[:2]) > 0.02 else c.drop_height
             target = np.array([*(peg[:2] + hand_minus_nut[:2]), table_z + height + hand_minus_nut[2]])
             aligned = np.linalg.norm(nut[:2] - peg[:2]) < c.align_tolerance and abs(yaw_error) < c.align_yaw_tolerance
             aligned = aligned and abs(nut[2] - (table_z + c.drop_height)) < 0.01 and self._speeds[0] < c.still_speed
             self.aligned_steps = self.aligned_steps + 1 if aligned else 0
-            if self.aligned_steps >= c.settle_steps or timed_out:
+            if self.aligned_steps >= c.settle_steps or self.phase_steps > c.phase_timeout:
                 self.goto("release")
                 self.release_pos = arm.pos()
             return arm.action(target, hold_rot, CLOSE)
@@ -928,23 +917,11 @@ class ToolHangExpert(PhaseExpert):
         tip, rot = self.frame()
         grip = np.array(self.sim_env.sim.data.get_geom_xpos("frame_grip_frame"))
         timed_out = self.phase_steps > c.phase_timeout
-        if self.phase in ("frame_above", "frame_descend"):
+        if self.phase in ("frame_above", "frame_descend", "frame_close"):
             # The frame lies on its side: close the fingers across the grip, along the hook (frame x).
             x = rot[:, 0]
             yaw = self.grasp_yaw(np.arctan2(-x[0], x[1]), rot_z(c.frame_yaw) @ rot.T)
-            if self.phase == "frame_above":
-                target = grip + [0, 0, c.approach_height]
-                if reached(arm, target, c.tolerance) or timed_out:
-                    self.goto("frame_descend")
-                return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
-            if reached(arm, grip, c.tolerance / 2) or self.stalled() or timed_out:
-                self.goto("frame_close")
-            return arm.action(grip, rot_z(yaw) @ DOWN, OPEN)
-        if self.phase == "frame_close":
-            if self.phase_steps >= c.close_steps:
-                self.goto("frame_lift")
-                self.hold_pos = None
-            return arm.action(arm.pos(), arm.rot(), CLOSE)
+            return self.grasp(grip, rot_z(yaw) @ DOWN, "frame_lift", prefix="frame_", close_rot=arm.rot())
         mount, base_top = self.mount()
         goal = rot_z(c.frame_yaw)
         if self.phase == "frame_lift":
@@ -1085,24 +1062,12 @@ class ToolHangExpert(PhaseExpert):
         hole, rot = self.tool()
         centre = self.body_pos(self.sim_env.tool.root_body)
         timed_out = self.phase_steps > c.phase_timeout
-        if self.phase in ("tool_above", "tool_descend"):
+        if self.phase in ("tool_above", "tool_descend", "tool_close"):
             # Flat on the table: close the fingers across the handle (tool x), i.e. along tool y, at the yaw
             # plan_tool chose.
             if self.tool_yaw is None:
                 self.plan_tool()
-            yaw = self.tool_yaw
-            if self.phase == "tool_above":
-                target = centre + [0, 0, c.approach_height]
-                if reached(arm, target, c.tolerance) or timed_out:
-                    self.goto("tool_descend")
-                return arm.action(target, rot_z(yaw) @ DOWN, OPEN)
-            if reached(arm, centre, c.tolerance / 2) or self.stalled() or timed_out:
-                self.goto("tool_close")
-            return arm.action(centre, rot_z(yaw) @ DOWN, OPEN)
-        if self.phase == "tool_close":
-            if self.phase_steps >= c.close_steps:
-                self.goto("tool_lift")
-            return arm.action(arm.pos(), arm.rot(), CLOSE)
+            return self.grasp(centre, rot_z(self.tool_yaw) @ DOWN, "tool_lift", prefix="tool_", close_rot=arm.rot())
         free_end, d = self.hook()
         if self.phase == "tool_lift":
             # Up, then (still flat, above the hook) back from the hook's free end: the hand turns to point along
