@@ -34,14 +34,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from agents.backbone import Backbone, FeatureSpec, PolicyConfig
 from agents.config_files import option, validate_fields
@@ -216,18 +214,8 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         unflatten_optimizer,
     )
     from agents.compute import resolve_precision, resolve_threads
-    from agents.training import (
-        WindowBank,
-        _append_jsonl,
-        _ema_backbone,
-        _numpy_rng_state,
-        _rollout_score,
-        _set_numpy_rng_state,
-        _truncate_jsonl,
-        load_frames,
-        make_optimizer,
-    )
-    from step_envs.safe_io import commit_files, fault_point
+    from agents.training import TrainingRun, WindowBank, _ema_backbone, _rollout_score, load_frames, make_optimizer
+    from step_envs.safe_io import commit_files
     from step_envs.seeds import check_train_eval_seeds
 
     if cfg.eval_every:
@@ -259,9 +247,7 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
     fingerprint = hashlib.sha256(json.dumps({"teacher": policy_fingerprint(teacher), **settings},
                                             sort_keys=True).encode()).hexdigest()[:16]
     task, obs_type = teacher_config["task"], teacher_config.get("obs_type", "state")
-    step, elapsed_before, window = 0, 0.0, []
-    generator = torch.Generator().manual_seed(cfg.seed)
-
+    run = TrainingRun(out, cfg, optimizer, lr_schedule, ema, torch.Generator().manual_seed(cfg.seed))
     resumed = load_training_state(out)
     if resumed is not None:
         tensors, meta = resumed
@@ -270,23 +256,11 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         student.load_state_dict(_rename(tensors, "model.", ""))
         if distiller.aux is not None:
             distiller.aux.load_state_dict(_rename(tensors, "aux.", ""))
-        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
-        lr_schedule.load_state_dict(meta["lr_schedule"])
         if distiller.aux_optimizer is not None:
             distiller.aux_optimizer.load_state_dict(unflatten_optimizer(_rename(tensors, "aux_opt.", "opt."),
                                                                         meta["aux_optimizer"]))
             distiller.aux_schedule.load_state_dict(meta["aux_lr_schedule"])
-        ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(ema.shadow_params))]
-        ema.optimization_step = meta["ema_step"]
-        step = meta["step"]
-        generator.set_state(tensors["rng"].to(torch.uint8))
-        torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
-        _set_numpy_rng_state(tensors["numpy_rng"], meta["numpy_rng"])
-        elapsed_before = meta.get("seconds", 0.0)
-        window = list(meta.get("log_window", []))
-        for log in ("loss.jsonl", "eval.jsonl"):
-            _truncate_jsonl(out / log, step)
-        print(f"resuming from step {step} in {out}")
+        run.restore(tensors, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     trainable = sum(p.numel() for p in student.parameters())
@@ -297,61 +271,34 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         return mark_distilled(_ema_backbone(student, ema), settings)
 
     def save() -> None:
-        extra = {"format": DISTILLED_FORMAT, "method": cfg.method, "distilled": settings, "train_step": step,
+        extra = {"format": DISTILLED_FORMAT, "method": cfg.method, "distilled": settings, "train_step": run.step,
                  "teacher": str(Path(cfg.teacher).resolve()), "teacher_fingerprint": policy_fingerprint(teacher),
                  "trainable_parameters": trainable}
         files = policy_files(averaged(), task, obs_type, extra=extra)
-        tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
+        tensors, meta = run.state()
+        tensors.update({f"model.{k}": v for k, v in student.state_dict().items()})
         if distiller.aux is not None:
             tensors.update({f"aux.{k}": v for k, v in distiller.aux.state_dict().items()})
-        opt_tensors, opt_meta = flatten_optimizer(optimizer)
-        tensors.update(opt_tensors)
-        meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
-                "ema_step": ema.optimization_step, "fingerprint": fingerprint, "precision": precision,
-                "seconds": round(elapsed_before + time.time() - t0, 2), "log_window": window}
+        meta.update(fingerprint=fingerprint, precision=precision)
         if distiller.aux_optimizer is not None:
             aux_tensors, meta["aux_optimizer"] = flatten_optimizer(distiller.aux_optimizer)
             tensors.update(_rename(aux_tensors, "opt.", "aux_opt."))
             meta["aux_lr_schedule"] = distiller.aux_schedule.state_dict()
-        tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
-        tensors["rng"] = generator.get_state()
-        tensors["torch_rng"] = torch.get_rng_state()
-        tensors["numpy_rng"], meta["numpy_rng"] = _numpy_rng_state()
         files.update(training_state_files(tensors, meta))
         commit_files(out, files)
 
     student.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train-baseline {cfg.method} ({precision})", unit="step",
-               disable=not cfg.progress)
-    t0 = time.time()
-    last_eval = None
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    while step < end:
-        obs, action, _ = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=generator))
-        losses = distiller.train_step(obs, action, generator, precision)
+    bar = run.begin(f"train-baseline {cfg.method} ({precision})")
+    while run.step < run.end:
+        obs, action, _ = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=run.generator))
+        losses = distiller.train_step(obs, action, run.generator, precision)
         ema.step(student.parameters())
-        step += 1
-        window.append(losses)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
-                      "lr": lr_schedule.get_last_lr()[0], "seconds": round(elapsed_before + time.time() - t0, 2)}
-            _append_jsonl(out / "loss.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window = []
-        if step % cfg.save_every == 0 or step == end:
-            save()
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            with torch.random.fork_rng():
-                last_eval = {"step": step, **_rollout_score(averaged(), _EvalView(cfg, task, obs_type))}
-            _append_jsonl(out / "eval.jsonl", last_eval)
-            bar.write(f"step {step}: rollout {last_eval}")
-        fault_point("train-step")
+        run.stepped(losses, save, lambda: _rollout_score(averaged(), _EvalView(cfg, task, obs_type)))
     bar.close()
-    if resumed is not None and step == resumed[1]["step"]:
+    if resumed is not None and run.step == resumed[1]["step"]:
         save()
-    return {"out": str(out), "method": cfg.method, "task": task, "step": step, "trainable_parameters": trainable,
-            "eval": last_eval}
+    return {"out": str(out), "method": cfg.method, "task": task, "step": run.step, "trainable_parameters": trainable,
+            "eval": run.last_eval}
 
 
 @dataclass

@@ -352,6 +352,82 @@ def _set_numpy_rng_state(keys: torch.Tensor, rest: list) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+class TrainingRun:
+    """What ``train-policy`` and ``train-baseline`` share: the optimiser, LR schedule, EMA, step and RNGs (the data
+    generator's, torch's, NumPy's) saved and restored as one set for an exact resume; the JSONL loss log averaged
+    over ``log_every`` steps (the window straddling a save is saved with it); periodic saves and seeded rollouts
+    that leave the training's RNG untouched. The caller owns the networks, what else a save holds and the step."""
+
+    def __init__(self, out: Path, cfg, optimizer, lr_schedule, ema, generator: torch.Generator):
+        self.out, self.cfg = out, cfg
+        self.optimizer, self.lr_schedule, self.ema, self.generator = optimizer, lr_schedule, ema, generator
+        self.step, self.elapsed_before, self.window = 0, 0.0, []  # window: the loss dicts of the record in progress
+        self.end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+        self.last_eval: dict | None = None
+        self.t0 = time.time()
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        self.lr_schedule.load_state_dict(meta["lr_schedule"])
+        self.ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(self.ema.shadow_params))]
+        self.ema.optimization_step = meta["ema_step"]
+        self.step = meta["step"]
+        self.generator.set_state(tensors["rng"].to(torch.uint8))
+        if "torch_rng" in tensors:  # the loss draws its noise and timesteps from torch's global generator
+            torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
+        if "numpy_rng" in tensors:
+            _set_numpy_rng_state(tensors["numpy_rng"], meta["numpy_rng"])
+        self.elapsed_before = meta.get("seconds", 0.0)
+        # A record straddling the save averages the same losses (older saves kept bare floats: the loss).
+        self.window = [w if isinstance(w, dict) else {"loss": w} for w in meta.get("log_window", [])]
+        # Records past the saved step came from the part of the run that the kill threw away.
+        for log in ("loss.jsonl", "eval.jsonl"):
+            _truncate_jsonl(self.out / log, self.step)
+        print(f"resuming from step {self.step} in {self.out}")
+
+    def seconds(self) -> float:
+        return round(self.elapsed_before + time.time() - self.t0, 2)
+
+    def state(self) -> tuple[dict, dict]:
+        """The tensors and metadata of the shared state (the caller adds its weights and fingerprint)."""
+        tensors, opt_meta = flatten_optimizer(self.optimizer)
+        tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
+        tensors["rng"] = self.generator.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()
+        tensors["numpy_rng"], numpy_rng = _numpy_rng_state()
+        meta = {"step": self.step, "optimizer": opt_meta, "lr_schedule": self.lr_schedule.state_dict(),
+                "ema_step": self.ema.optimization_step, "seconds": self.seconds(), "numpy_rng": numpy_rng,
+                "log_window": self.window}
+        return tensors, meta
+
+    def begin(self, desc: str):
+        """The progress bar; the clock of this session starts here."""
+        self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc=desc, unit="step", disable=not self.cfg.progress)
+        self.t0 = time.time()
+        return self.bar
+
+    def stepped(self, losses: dict[str, float], save, evaluate) -> None:
+        """After one optimiser step: log, save (``save()``) and roll out (``evaluate() -> dict``) when due."""
+        cfg = self.cfg
+        self.step += 1
+        self.window.append(losses)
+        self.bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            record = {"step": self.step, **{k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]},
+                      "lr": self.lr_schedule.get_last_lr()[0], "seconds": self.seconds()}
+            _append_jsonl(self.out / "loss.jsonl", record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+            self.window = []
+        if self.step % cfg.save_every == 0 or self.step == self.end:
+            save()
+        if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            with torch.random.fork_rng():  # the rollout must not move the training's RNG (exact resume)
+                self.last_eval = {"step": self.step, **evaluate()}
+            _append_jsonl(self.out / "eval.jsonl", self.last_eval)
+            self.bar.write(f"step {self.step}: rollout {self.last_eval}")
+        fault_point("train-step")  # tests: STEP_FAULT=train-step:<n> kills the run here, after step n
+
+
 def train_policy(cfg: TrainPolicyConfig) -> dict:
     """Train (or resume) a Diffusion Policy backbone; returns a summary dict.
 
@@ -393,84 +469,37 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
         raise ValueError("Dataset too small: no training windows.")
 
     optimizer, lr_schedule, ema = make_optimizer(backbone, cfg)
-    step = 0
-    elapsed_before = 0.0
-    losses: list[float] = []  # of the log record in progress
-    generator = torch.Generator().manual_seed(cfg.seed)
-
+    run = TrainingRun(out, cfg, optimizer, lr_schedule, ema, torch.Generator().manual_seed(cfg.seed))
     resumed = load_training_state(out)
     if resumed is not None:
         tensors, meta = resumed
         if meta.get("fingerprint") != policy_fingerprint(backbone):
             raise ValueError(f"{out} holds a run on another dataset/config; choose another --out.")
         backbone.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
-        lr_schedule.load_state_dict(meta["lr_schedule"])
-        ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(ema.shadow_params))]
-        ema.optimization_step = meta["ema_step"]
-        step = meta["step"]
-        generator.set_state(tensors["rng"].to(torch.uint8))
-        if "torch_rng" in tensors:  # the loss draws its noise and timesteps from torch's global generator
-            torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
-        if "numpy_rng" in tensors:
-            _set_numpy_rng_state(tensors["numpy_rng"], meta["numpy_rng"])
-        elapsed_before = meta.get("seconds", 0.0)
-        losses = list(meta.get("log_window", []))  # a record straddling the save averages the same losses
-        # Records past the saved step came from the part of the run that the kill threw away.
-        for log in ("loss.jsonl", "eval.jsonl"):
-            _truncate_jsonl(out / log, step)
-        print(f"resuming from step {step} in {out}")
+        run.restore(tensors, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def save() -> None:
         averaged = _ema_backbone(backbone, ema)
         files = policy_files(averaged, cfg.task, cfg.obs_type,
-                             extra={"train_step": step, "preset": cfg.preset, **noise_record})
-        tensors = {f"model.{k}": v for k, v in backbone.state_dict().items()}
-        opt_tensors, opt_meta = flatten_optimizer(optimizer)
-        tensors.update(opt_tensors)
-        tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
-        tensors["rng"] = generator.get_state()
-        tensors["torch_rng"] = torch.get_rng_state()
-        tensors["numpy_rng"], numpy_rng = _numpy_rng_state()
-        meta = {"step": step, "optimizer": opt_meta, "lr_schedule": lr_schedule.state_dict(),
-                "ema_step": ema.optimization_step, "fingerprint": policy_fingerprint(backbone),
-                "seconds": round(elapsed_before + time.time() - t0, 2), "precision": precision,
-                "numpy_rng": numpy_rng, "log_window": losses}
+                             extra={"train_step": run.step, "preset": cfg.preset, **noise_record})
+        tensors, meta = run.state()
+        tensors.update({f"model.{k}": v for k, v in backbone.state_dict().items()})
+        meta.update(fingerprint=policy_fingerprint(backbone), precision=precision)
         files.update(training_state_files(tensors, meta))
         commit_files(out, files)  # weights, config and state as one set: a kill mid-save never mixes two saves
 
     backbone.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train-policy ({precision}, {torch.get_num_threads()} threads)",
-               unit="step", disable=not cfg.progress)
-    t0 = time.time()
-    last_eval = None
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    while step < end:
-        obs, action, pad = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=generator))
+    bar = run.begin(f"train-policy ({precision}, {torch.get_num_threads()} threads)")
+    while run.step < run.end:
+        obs, action, pad = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=run.generator))
         loss = optimizer_step(backbone, optimizer, lr_schedule, ema, obs, action, pad, precision, noise)
-        step += 1
-        losses.append(loss)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": float(np.mean(losses)), "lr": lr_schedule.get_last_lr()[0],
-                      "seconds": round(elapsed_before + time.time() - t0, 2)}
-            _append_jsonl(out / "loss.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            losses = []
-        if step % cfg.save_every == 0 or step == end:
-            save()
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            with torch.random.fork_rng():  # the rollout must not move the training's RNG (exact resume)
-                last_eval = {"step": step, **_rollout_score(_ema_backbone(backbone, ema), cfg)}
-            _append_jsonl(out / "eval.jsonl", last_eval)
-            bar.write(f"step {step}: rollout {last_eval}")
-        fault_point("train-step")  # tests: STEP_FAULT=train-step:<n> kills the run here, after step n
+        run.stepped({"loss": loss}, save, lambda: _rollout_score(_ema_backbone(backbone, ema), cfg))
     bar.close()
-    if resumed is not None and step == resumed[1]["step"]:
+    if resumed is not None and run.step == resumed[1]["step"]:
         save()  # nothing left to train: still make sure model.safetensors matches the state
-    return {"out": str(out), "step": step, "eval": last_eval}
+    return {"out": str(out), "step": run.step, "eval": run.last_eval}
 
 
 # ---------------------------------------------------------------- train-predictor

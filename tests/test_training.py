@@ -147,6 +147,27 @@ def test_bf16_resume_continues_the_same_run_exactly(tiny_dataset, tmp_path):
     assert strip(read_jsonl(tmp_path / "split" / "loss.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "loss.jsonl"))
 
 
+def test_resume_of_an_older_save_whose_log_window_holds_bare_losses(tiny_dataset, tmp_path):
+    """Saves before TrainingRun kept the log window as floats; such a run resumes with the same loss records."""
+    from agents.training import TrainPolicyConfig, train_policy
+
+    def config(out, **kw):
+        return TrainPolicyConfig(dataset=str(tiny_dataset), out=str(out), preset="tiny", steps=6, batch_size=8,
+                                 warmup_steps=2, log_every=2, save_every=100, eval_every=0, threads=1,
+                                 progress=False, **kw)
+
+    train_policy(config(tmp_path / "whole"))
+    train_policy(config(tmp_path / "split", stop_at=3))  # saved mid-record: one loss in the window
+    state_path = tmp_path / "split" / "training_state.json"
+    state = json.loads(state_path.read_text())
+    assert len(state["log_window"]) == 1
+    state["log_window"] = [w["loss"] for w in state["log_window"]]
+    state_path.write_text(json.dumps(state))
+    train_policy(config(tmp_path / "split"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "split" / "loss.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "loss.jsonl"))
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
