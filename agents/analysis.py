@@ -1102,7 +1102,8 @@ def md_mare(report: dict) -> str:
               "`step-spatial` warm-starts from, TC what `step-temporal` and `rtidp` (action reuse) warm-start from, "
               "Falcon's row the clean estimate of the latent `falcon:4` resumes from (previous chunk diffused to "
               "its step, `falcon_reuse_error`); "
-              "no BRIDGER-style noise-to-action predictor exists in this library.", "", "Windows:"] + _windows_note(report)
+              "no BRIDGeR row: `bridger:k` starts from a Gaussian fitted to the action windows (agents/bridger.py), "
+              "not from an observation-dependent prediction.", "", "Windows:"] + _windows_note(report)
     return "\n".join(lines) + "\n"
 
 
