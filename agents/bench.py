@@ -116,8 +116,8 @@ def bench_latency(cfg, task: str, obs_type: str, backbone, predictor) -> list[di
 def add_latency(rows: list[dict], latency_rows: list[dict]) -> None:
     """Put each method's latency columns into its rollout row (same order)."""
     for row, lat in zip(rows, latency_rows):
-        row.update({k: lat[k] for k in ("latency_ms", "nfe_ms_median", "ratio", "nfe_per_replan", "actions_per_replan",
-                                        "ms_per_action")})
+        row.update({k: lat[k] for k in ("latency_ms", "nfe_ms_median", "encode_ms_median", "ratio", "ratio_with_encode",
+                                        "nfe_per_replan", "actions_per_replan", "ms_per_action")})
 
 
 def bench_report(cfg, task: str, checkpoint, obs_type: str, rows: list[dict], wall_seconds: float) -> dict:

@@ -5,7 +5,9 @@ predictor for STEP, k denoiser calls, sampler updates), the part that differs be
 Each method's chunk calls are timed interleaved with its own bare NFE calls (``rounds`` alternating blocks of
 each, the first calls of every block untimed), so ``ratio = median / (steps x NFE)`` compares two medians taken
 under the same machine conditions: on a shared machine the speed drifts by 10-20 % within seconds, which a
-block of NFE calls followed by a block of chunk calls turned straight into the ratio. The NFE is the same
+block of NFE calls followed by a block of chunk calls turned straight into the ratio. The observation encoder
+(history -> global condition; for image policies a large part of a replan) is timed in its own interleaved
+blocks too: ``ratio_with_encode = median / (encode + steps x NFE)``. The NFE is the same
 runtime's bare denoiser call at the same batch and thread count (ONNX: ``unet.onnx`` in the agent's own session
 options). STEP is timed in steady state: every timed call has the previous call's chunk as its history.
 """
@@ -90,6 +92,19 @@ def nfe_call(agent, history: dict):
     return call
 
 
+def encode_call(agent, history: dict):
+    """A zero-argument callable running ``agent``'s observation encoder once (history -> global condition: image
+    encoders and state normalisation; ONNX: one encoder.onnx call). A replan runs it once, never per step."""
+    if hasattr(agent, "encode_call"):
+        return agent.encode_call(history)
+    backbone = agent.backbone
+
+    def call():
+        with torch.inference_mode():
+            backbone.global_cond(history)
+    return call
+
+
 def _warm(fn, calls: int, seconds: float) -> None:
     """Untimed calls: ``calls`` of them or until ``seconds`` have passed, at least one."""
     end = time.perf_counter() + seconds
@@ -100,23 +115,28 @@ def _warm(fn, calls: int, seconds: float) -> None:
 
 
 def interleaved_medians(nfe, chunk, nfe_calls: int, calls: int, rounds: int, warmup_calls: int = 20,
-                        warmup_s: float = 0.1) -> tuple[float, list]:
-    """(median seconds of ``nfe()``, every timed ``chunk()`` in seconds) from ``rounds`` alternating blocks.
+                        warmup_s: float = 0.1, encode=None) -> tuple[float, list, float | None]:
+    """(median seconds of ``nfe()``, every timed ``chunk()`` in seconds, median seconds of ``encode()`` or None)
+    from ``rounds`` alternating blocks (encode's blocks, when given, as long as nfe's).
 
     Each block starts with untimed calls (up to ``warmup_calls`` or ``warmup_s`` seconds): after a switch the
     caches hold the other network's weights (the ONNX NFE and chunk graphs are separate sessions, each with its
     own 17 MB copy of the U-Net), and on this class of machine the shared L3 takes ~20 calls to hold the new copy
     again (measured: DDIM-1 / NFE 1.13 after one warm-up call per block, 1.045 after 20)."""
     rounds = max(1, min(rounds, calls, nfe_calls))
-    nfe_samples, chunk_samples = [], []
+    nfe_samples, chunk_samples, encode_samples = [], [], []
+    blocks = [(nfe, nfe_calls, nfe_samples), (chunk, calls, chunk_samples)]
+    if encode is not None:
+        blocks.append((encode, nfe_calls, encode_samples))
     for r in range(rounds):
-        for fn, n, out in ((nfe, nfe_calls, nfe_samples), (chunk, calls, chunk_samples)):
+        for fn, n, out in blocks:
             _warm(fn, warmup_calls, warmup_s)
             for _ in range(n // rounds + (r < n % rounds)):
                 t0 = time.perf_counter()
                 fn()
                 out.append(time.perf_counter() - t0)
-    return statistics.median(nfe_samples), chunk_samples
+    encode_median = statistics.median(encode_samples) if encode_samples else None
+    return statistics.median(nfe_samples), chunk_samples, encode_median
 
 
 def count_nfe(agent, history: dict, calls: int) -> float:
@@ -153,7 +173,8 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
         agent.reset()
         for _ in range(cfg.warmup):
             agent.chunk(history)
-        nfe, samples = interleaved_medians(nfe_fn, lambda: agent.chunk(history), cfg.nfe_calls, cfg.calls, cfg.rounds)
+        nfe, samples, encode = interleaved_medians(nfe_fn, lambda: agent.chunk(history), cfg.nfe_calls, cfg.calls,
+                                                   cfg.rounds, encode=encode_call(agent, history))
         latency = _ms(samples)
         # Per replan: the network calls (counted on untimed calls after the timed ones, in the same steady state)
         # and the actions it executes, so chunked (Ta per replan) and streaming (1 or 5) methods compare per action.
@@ -165,11 +186,14 @@ def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: Latenc
             "runtime": runtime,
             "latency_ms": latency,
             "nfe_ms_median": nfe * 1e3,
+            "encode_ms_median": encode * 1e3,
             "nfe_per_replan": nfe_per_replan,
             "actions_per_replan": actions,
             "ms_per_action": latency["median"] / actions,
             # step:0 (predictor only, no NFE): its time in units of one NFE
             "ratio": latency["median"] / (max(nfe_per_replan, 1) * nfe * 1e3),
+            # the chunk time includes one encoding: against encode + k NFE (what matters for image policies)
+            "ratio_with_encode": latency["median"] / ((encode + max(nfe_per_replan, 1) * nfe) * 1e3),
         })
     return rows
 
@@ -193,13 +217,14 @@ def fresh_predictor(backbone: Backbone) -> Predictor:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | steps | median ms / replan | p90 ms | NFE / replan | actions / replan | ms / action | NFE ms | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | steps | median ms / replan | p90 ms | NFE / replan | actions / replan | ms / action | NFE ms | "
+             "encode ms | ratio | ratio with encode |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         method = r["method"] + (f" ({r['runtime']})" if r.get("runtime", "torch") != "torch" else "")
         lines.append(f"| {method} | {r['steps']} | {r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | "
                      f"{r['nfe_per_replan']:.2f} | {r['actions_per_replan']} | {r['ms_per_action']:.2f} | "
-                     f"{r['nfe_ms_median']:.2f} | {r['ratio']:.3f} |")
+                     f"{r['nfe_ms_median']:.2f} | {r['encode_ms_median']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['ratio_with_encode']:.3f} |")
     return "\n".join(lines)
 
 

@@ -533,6 +533,13 @@ class OnnxDiffusionAgent(DiffusionAgent):
         sess = self.graphs.session("unet")
         return lambda: sess.run(None, feeds)
 
+    def encode_call(self, history: dict):
+        """A zero-argument callable running ``encoder.onnx`` once on ``history`` (the observation encoding inside
+        every chunk graph, on its own)."""
+        feeds = self._obs_feeds(history)
+        sess = self.graphs.session("encoder")
+        return lambda: sess.run(None, feeds)
+
     # --- one chunk
     def _infer(self, history: dict[str, Tensor]) -> tuple[Tensor, np.ndarray]:
         """(chunk (B, H, A) normalised, executed actions (B, Ta, A) raw) for one replan; updates STEP's state."""

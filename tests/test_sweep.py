@@ -19,7 +19,8 @@ from agents.cli import main
 from agents.sweep import checkpoint_hash, load_spec, make_plan, merge_blocks, seed_blocks
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"rollout_seconds", "latency_ms", "nfe_ms_median", "ratio", "ms_per_action"}  # differ run to run
+TIMING_KEYS = {"rollout_seconds", "latency_ms", "nfe_ms_median", "encode_ms_median", "ratio", "ratio_with_encode",
+               "ms_per_action"}  # differ run to run
 
 
 def write_spec(path: Path, checkpoint, **changes) -> Path:
