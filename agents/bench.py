@@ -24,7 +24,8 @@ from step_envs.seeds import EVAL_SEEDS
 
 METHOD_NAMES = {"ddpm": "Vanilla (DDPM)", "ddim": "DDIM", "dpmsolver": "DPM-Solver++", "step": "STEP",
                 "step-spatial": "STEP, spatial only", "step-temporal": "STEP, temporal only",
-                "rtidp": "RTI-DP", "falcon": "Falcon", "sdp": "SDP", "rnrdp": "RNR-DP"}  # peers: agents/peers.py
+                "rtidp": "RTI-DP", "falcon": "Falcon", "sdp": "SDP", "rnrdp": "RNR-DP",  # peers: agents/peers.py
+                "cp": "Consistency Policy", "onedp": "OneDP", "bridger": "BRIDGeR"}  # distilled: agents/distill.py
 
 
 @dataclass
