@@ -82,8 +82,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         if previous["task"] != spec.name or Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
             raise ValueError(f"{out}/results.json is for {previous['task']} / {previous['checkpoint']}, "
                              f"not {spec.name} / {checkpoint}.")
-        cfg = replace(cfg, methods=tuple(previous["config"]["methods"]))
         rows = previous["rows"]
+        # The rows' own methods: after --merge the report's config lists only the last merged run's methods.
+        cfg = replace(cfg, methods=row_specs(rows))
     else:
         rows = _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods)
 
@@ -91,6 +92,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     add_latency(rows, bench_latency(cfg, spec.name, obs_type, backbone, predictor))
     if cfg.merge and not cfg.latency_only:
         rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
+        cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
 
     # a latency-only rerun keeps the wall time of the run that made the success rows
     wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
@@ -140,6 +142,11 @@ def write_report(report: dict, out: Path) -> None:
     atomic_write(out / "results.json", lambda path: path.write_text(json.dumps(report, indent=2)))
     atomic_write(out / "results.md", lambda path: path.write_text(markdown_table(report)))
     pareto_plot(report, out / "pareto.png")
+
+
+def row_specs(rows: list[dict]) -> tuple[str, ...]:
+    """The method spec that makes each row's agent again (its steps spelt out: ``ddpm:100``, ``sdp:16``)."""
+    return tuple(f"{r['method']}:{r['steps']}" for r in rows)
 
 
 def merge_rows(out: Path, task: str, checkpoint: Path, cfg, rows: list[dict]) -> list[dict]:

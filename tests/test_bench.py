@@ -32,13 +32,21 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     table = (out / "results.md").read_text()
     assert "| STEP | 2 |" in table and "| DDIM | 2 |" in table
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    # Latency re-measured alone keeps every success row and the methods of the first run.
+    # A merged row joins them; the report's config then names every row's method.
+    assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--methods", "ddim:1",
+                 "--episodes", "2", "--num-envs", "2", "--out", str(out), "--latency-calls", "2", "--max-steps", "40",
+                 "--merge"]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["config"]["methods"] == ["ddim:2", "step:2", "step-temporal:2", "ddim:1"]
+    # Latency re-measured alone keeps every success row, and measures each row's own method (not the last
+    # merge's): every row's network calls per replan are its steps.
     assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                  "--latency-only", "--latency-calls", "2"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["latency_remeasured"] and again["wall_seconds"] == report["wall_seconds"]
+    assert again["latency_remeasured"] and again["wall_seconds"] == merged["wall_seconds"]
     assert [(r["method"], r["steps"], r["success_rate"]) for r in again["rows"]] == [
-        (r["method"], r["steps"], r["success_rate"]) for r in report["rows"]]
+        (r["method"], r["steps"], r["success_rate"]) for r in merged["rows"]]
+    assert [r["nfe_per_replan"] for r in again["rows"]] == [2, 2, 2, 1]
 
 
 def test_bench_without_checkpoint_is_clear(tmp_path, capsys):
