@@ -145,8 +145,15 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def row_specs(rows: list[dict]) -> tuple[str, ...]:
-    """The method spec that makes each row's agent again (its steps spelt out: ``ddpm:100``, ``sdp:16``)."""
-    return tuple(f"{r['method']}:{r['steps']}" for r in rows)
+    """The method spec each row was made with (rows written before "spec" was recorded: rebuilt from the method and
+    its steps, bare for SDP / RNR-DP whose schedule is the method's)."""
+    from agents.peers import FIXED_SCHEDULE_METHODS
+
+    def spec(row: dict) -> str:
+        if "spec" in row:
+            return row["spec"]
+        return row["method"] if row["method"] in FIXED_SCHEDULE_METHODS else f"{row['method']}:{row['steps']}"
+    return tuple(spec(r) for r in rows)
 
 
 def merge_rows(out: Path, task: str, checkpoint: Path, cfg, rows: list[dict]) -> list[dict]:
@@ -233,7 +240,7 @@ def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, 
         print(f"{spec_str}: success {summary['success_rate']:.2f}, mean max reward {summary['mean_max_reward']:.3f} "
               f"({rollout_seconds:.0f} s)")
     row = {
-        "method": name, "steps": steps, "episodes": len(seeds), "seed_start": cfg.seed_start,
+        "method": name, "steps": steps, "spec": spec_str, "episodes": len(seeds), "seed_start": cfg.seed_start,
         "success_rate": summary["success_rate"], "mean_max_reward": summary["mean_max_reward"],
         "rollout_seconds": rollout_seconds,
         # measured in the rollouts, first calls of episodes included; a batched call counts once

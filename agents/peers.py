@@ -15,6 +15,7 @@ import copy
 PEER_METHODS = ("rtidp", "falcon", "sdp", "rnrdp")
 PEER_NAMES = {"rtidp": "RTI-DP", "falcon": "Falcon", "sdp": "SDP", "rnrdp": "RNR-DP"}
 ZERO_STEP_METHODS = ("rtidp",)  # rtidp:0 executes the shifted chunk (tests); other peers need k >= 1
+FIXED_SCHEDULE_METHODS = ("sdp", "rnrdp")  # their ladder is the method's: a spec names no step count
 
 
 def streaming_backbone(method: str, checkpoint, task, features):
@@ -62,7 +63,7 @@ def make_peer_agent(name: str, steps: int | None, env, task: str | None = None, 
     obs_space, action_space, batch = _single_spaces(env)
     features = features_from_spaces(obs_space, action_space) if obs_space is not None else None
     task = task or _env_task(env)
-    if name in ("sdp", "rnrdp"):
+    if name in FIXED_SCHEDULE_METHODS:
         from agents.per_position import has_per_position
         from agents.streaming import StreamingAgent
 

@@ -49,6 +49,14 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     assert [r["nfe_per_replan"] for r in again["rows"]] == [2, 2, 2, 1]
 
 
+def test_row_specs_rebuild_the_specs_of_older_rows():
+    from agents.bench import row_specs
+
+    rows = [{"method": "ddpm", "steps": 100}, {"method": "sdp", "steps": 16}, {"method": "rnrdp", "steps": 15},
+            {"method": "falcon", "steps": 2}, {"method": "step", "steps": 2, "spec": "step:2"}]
+    assert row_specs(rows) == ("ddpm:100", "sdp", "rnrdp", "falcon:2", "step:2")
+
+
 def test_bench_without_checkpoint_is_clear(tmp_path, capsys):
     code = main(["bench", "--task", "pusht", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert code == 2
