@@ -9,7 +9,9 @@ Gripper orientation: the grip site's x axis is the fingers' closing axis and its
 hand. "Down" poses are Rz(yaw) @ DOWN, where DOWN points the hand at the table with the fingers closing along
 world y (the Panda's pose at reset); yaw then sets the closing axis to (-sin yaw, cos yaw).
 
-Lift, Can and Square are phase machines; Transport runs one generator per arm (a waypoint sequence as
+Lift, Can and Square are phase machines whose shared pattern is written once on ``PhaseExpert``: ``grasp`` (hover,
+descend, close: the approach every expert opens with, ToolHang's frame and tool grasps included) and ``move_until``
+(drive to a waypoint, advance when there, blocked or timed out). Transport runs one generator per arm (a waypoint sequence as
 straight-line code) that synchronise at the handover. ToolHang is a phase machine that also plans: the frame's
 yaw and the tool's grasp are chosen from IK solutions of the poses they lead to (``ArmKinematics``), and the
 two large reorientations (back to the home posture after the frame, turning the tool) go through joint space.
