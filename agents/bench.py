@@ -15,8 +15,10 @@ from pathlib import Path
 
 from agents.checkpoint import default_checkpoint
 from agents.config_files import option, validate_fields
+from agents.distill import DISTILLED_NAMES
 from agents.factory import DEFAULT_METHODS, make_agent, parse_method
 from agents.latency import LatencyConfig, measure_latency
+from agents.peers import PEER_NAMES
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
 from step_envs.safe_io import atomic_write
@@ -24,8 +26,7 @@ from step_envs.seeds import EVAL_SEEDS
 
 METHOD_NAMES = {"ddpm": "Vanilla (DDPM)", "ddim": "DDIM", "dpmsolver": "DPM-Solver++", "step": "STEP",
                 "step-spatial": "STEP, spatial only", "step-temporal": "STEP, temporal only",
-                "rtidp": "RTI-DP", "falcon": "Falcon", "sdp": "SDP", "rnrdp": "RNR-DP",  # peers: agents/peers.py
-                "cp": "Consistency Policy", "onedp": "OneDP", "bridger": "BRIDGeR"}  # distilled: agents/distill.py
+                **PEER_NAMES, **DISTILLED_NAMES}
 
 
 @dataclass

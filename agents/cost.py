@@ -25,8 +25,6 @@ from pathlib import Path
 
 from agents.config_files import option
 
-PEERS = (("cp", "Consistency Policy"), ("onedp", "OneDP"), ("bridger", "BRIDGeR"))
-
 
 @dataclass
 class CostConfig:
@@ -97,6 +95,7 @@ def bench_report(cfg: CostConfig) -> dict | None:
 def cost_rows(cfg: CostConfig, report: dict | None) -> list[dict]:
     """One row per trained part of the task's release; ``report``: ``bench_report(cfg)``, for the success column."""
     from agents.checkpoint import default_checkpoint, read_policy_config
+    from agents.distill import DISTILLED_NAMES
 
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.task)
     policy = read_policy_config(checkpoint)
@@ -115,7 +114,7 @@ def cost_rows(cfg: CostConfig, report: dict | None) -> list[dict]:
                                                      else _threads(predictor.get("train_config", {}).get("threads")))
         rows.append(_row("STEP predictor (frozen backbone)", "step", predictor.get("parameters"),
                          predictor.get("train_config", {}).get("steps"), seconds, threads, report))
-    for folder, name in PEERS:
+    for folder, name in DISTILLED_NAMES.items():
         config = _read_json(checkpoint / folder / "config.json")
         if config is None:
             continue
