@@ -295,7 +295,7 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
     BRIDGER), exported the same way to e.g. ``checkpoints/<task>/cp``. With ``overwrite`` a release's
     ``RELEASE_SIDE_FOLDERS`` that ``src`` does not bring are carried over (and listed in the report as ``kept``).
     """
-    from agents.distill import DISTILLED_FORMAT, load_distilled
+    from agents.distill import DISTILLED_FORMAT, PART_FILES, load_distilled
 
     src, dst = Path(src), Path(dst)
     finish_commits(src)
@@ -318,6 +318,10 @@ def export_checkpoint(src, dst, half: bool = True, overwrite: bool = False) -> d
             for name in RELEASE_LOGS:
                 if (src / name).exists():
                     (new / name).write_bytes((src / name).read_bytes())
+            for name in PART_FILES if distilled else ():  # a student's frozen side networks (BRIDGeR's CVAE source)
+                if (src / name).exists():
+                    weights = load_tensors(src / name)
+                    _tensor_writer(_half_weights(weights, None) if half else weights)(new / name)
             if predictor_src is not None:
                 _read_config(predictor_src, PREDICTOR_FORMAT)  # valid, and any interrupted save completed
                 (new / "predictor").mkdir()

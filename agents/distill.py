@@ -49,6 +49,7 @@ from step_envs.seeds import TRAIN_EVAL_SEEDS
 DISTILLED_FORMAT = "step-distilled"
 DISTILLED_METHODS = ("cp", "onedp", "bridger")
 DISTILLED_NAMES = {"cp": "Consistency Policy", "onedp": "OneDP", "bridger": "BRIDGeR"}
+PART_FILES = ("source.safetensors",)  # networks a student keeps beside model.safetensors (BRIDGeR's CVAE source)
 
 
 # ---------------------------------------------------------------- schedule helpers
@@ -72,10 +73,12 @@ def x0_estimate(net: Backbone, x: Tensor, t: Tensor, cond: Tensor, a: Tensor, b:
     return (x - gather(b, t) * net.denoise(x, t, cond)) / gather(a, t)
 
 
-def mark_distilled(backbone: Backbone, settings: dict) -> Backbone:
+def mark_distilled(backbone: Backbone, settings: dict, parts: dict | None = None) -> Backbone:
     """Tag a backbone as a distilled student (``settings['method']`` = cp | onedp | bridger) with its inference
-    settings."""
+    settings and the frozen networks its sampler needs beside it (``parts``, e.g. BRIDGeR's CVAE source; a plain
+    dict, so they stay out of the backbone's state_dict and fingerprint)."""
     backbone.distilled = dict(settings)
+    backbone.distilled_parts = dict(parts or {})
     return backbone
 
 
@@ -117,6 +120,10 @@ class TrainBaselineConfig:
                                                       "(the authors' beta_max; 0: no latent noise)")
     bridger_t_eps: float = option(1e-3, help="bridger: train on t ~ U[t_eps, 1-t_eps] (gamma'(t) is infinite at "
                                              "0 and 1); the sampler clips its times to it")
+    bridger_source: str = option("gaussian", choices=("gaussian", "cvae"),
+                                 help="bridger: x0 from a Gaussian fitted to the action chunks, or from a CVAE of the "
+                                      "chunk given the observation, fitted first (the paper's informative source)")
+    bridger_source_steps: int = option(3000, min=1, help="bridger: optimiser steps of the CVAE source's fit")
     log_every: int = option(50, min=1)
     save_every: int = option(500, min=1)
     eval_every: int = option(0, min=0, help="0: no periodic rollouts")
@@ -145,16 +152,24 @@ class TrainBaselineConfig:
 class Distiller:
     """One method's networks and training step. ``student``: the network that is EMA'd and saved (the agent's);
     ``aux``: the second trained network (CP's target, OneDP's generator-score net; training state only), None
-    for a method with one network (BRIDGeR)."""
+    for a method with one network (BRIDGeR). ``setup_seconds``: time spent before the first step (BRIDGeR's source
+    fits), counted in the run's training time."""
 
     method: str
     student: Backbone
     aux: Backbone | None = None
     aux_optimizer = None
     aux_schedule = None
+    setup_seconds: float = 0.0
 
     def settings(self) -> dict:  # inference settings recorded in config.json (and read by the agent)
         raise NotImplementedError
+
+    def parts(self) -> dict:  # frozen networks the agent needs beside the student (see mark_distilled)
+        return {}
+
+    def files(self) -> dict:  # their files, saved with the student (names in PART_FILES), as commit_files writers
+        return {}
 
     def train_step(self, obs: dict, action: Tensor, generator: torch.Generator, precision: str) -> dict[str, float]:
         raise NotImplementedError
@@ -170,14 +185,15 @@ def optimize(loss: Tensor, net: Backbone, optimizer, schedule, max_norm: float =
     schedule.step()
 
 
-def make_distiller(teacher: Backbone, cfg: TrainBaselineConfig, optimizer_factory, actions: Tensor) -> Distiller:
-    """``actions``: the raw action windows (N, H, A) of the WindowBank (BRIDGeR fits its source to them)."""
+def make_distiller(teacher: Backbone, cfg: TrainBaselineConfig, optimizer_factory, bank) -> Distiller:
+    """``bank``: the training WindowBank (BRIDGeR fits its source to its windows; a resumed run in ``cfg.out``
+    reuses the saved one)."""
     if cfg.top_t >= teacher.cfg.num_train_timesteps:
         raise ValueError(f"--top-t must be below the teacher's {teacher.cfg.num_train_timesteps} timesteps.")
     if cfg.method == "bridger":
         from agents.bridger import BridgerDistiller
 
-        return BridgerDistiller(teacher, cfg, actions, optimizer_factory)
+        return BridgerDistiller(teacher, cfg, bank, optimizer_factory, out=cfg.out)
     if cfg.method == "cp":
         from agents.consistency import ConsistencyDistiller
 
@@ -239,7 +255,7 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
     if len(bank) == 0:
         raise ValueError("Dataset too small: no training windows.")
 
-    distiller = make_distiller(teacher, cfg, make_optimizer, bank.action)
+    distiller = make_distiller(teacher, cfg, make_optimizer, bank)
     student = distiller.student
     optimizer, lr_schedule, ema = make_optimizer(student, cfg)
     distiller.optimizer, distiller.lr_schedule = optimizer, lr_schedule
@@ -261,6 +277,8 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
                                                                         meta["aux_optimizer"]))
             distiller.aux_schedule.load_state_dict(meta["aux_lr_schedule"])
         run.restore(tensors, meta)
+    else:
+        run.elapsed_before = distiller.setup_seconds  # a resumed run's saved seconds already hold it
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     trainable = sum(p.numel() for p in student.parameters())
@@ -268,13 +286,14 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
         trainable += sum(p.numel() for p in distiller.aux.parameters())
 
     def averaged() -> Backbone:
-        return mark_distilled(_ema_backbone(student, ema), settings)
+        return mark_distilled(_ema_backbone(student, ema), settings, distiller.parts())
 
     def save() -> None:
         extra = {"format": DISTILLED_FORMAT, "method": cfg.method, "distilled": settings, "train_step": run.step,
                  "teacher": str(Path(cfg.teacher).resolve()), "teacher_fingerprint": policy_fingerprint(teacher),
                  "trainable_parameters": trainable}
         files = policy_files(averaged(), task, obs_type, extra=extra)
+        files.update(distiller.files())
         tensors, meta = run.state()
         tensors.update({f"model.{k}": v for k, v in student.state_dict().items()})
         if distiller.aux is not None:
@@ -337,7 +356,12 @@ def load_distilled(path, method: str, task: str | None = None, features: Feature
                          f"has {dataclasses.asdict(features)} (wrong obs_type or task?).")
     backbone = Backbone(PolicyConfig.from_dict(config["policy"]), saved)
     backbone.load_state_dict(load_tensors(path / "model.safetensors"))
-    return mark_distilled(backbone.eval(), config["distilled"]), config
+    parts = {}
+    if method == "bridger":
+        from agents.bridger import load_parts
+
+        parts = load_parts(path, config["distilled"], backbone.action_shape)
+    return mark_distilled(backbone.eval(), config["distilled"], parts), config
 
 
 def find_distilled(checkpoint, method: str) -> Path:

@@ -368,7 +368,7 @@ def test_bridger_loss_falls_on_a_short_run(tiny_dataset, tiny_checkpoint):
     teacher, _ = load_policy(tiny_checkpoint)
     cfg = _config("bridger", tiny_checkpoint, tiny_dataset, None, steps=25, lr=1e-3, warmup_steps=0)
     bank = WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg)
-    distiller = BridgerDistiller(teacher, cfg, bank.action)
+    distiller = BridgerDistiller(teacher, cfg, bank)
     assert distiller.aux is None
     distiller.optimizer, distiller.lr_schedule, _ = make_optimizer(distiller.student, cfg)
     obs, action, _ = bank.batch(torch.arange(16))
@@ -407,6 +407,87 @@ def test_bridger_cli_resume_and_refusals(distilled, tiny_dataset, tmp_path):
     shutil.copytree(distilled / "cp", cp_out)
     with pytest.raises(ValueError, match="another method"):
         train_baseline(_config("bridger", distilled, tiny_dataset, cp_out, steps=6))
+
+
+def test_bridger_cvae_kl_weight_and_the_fit_learns_the_chunks_of_each_observation(tiny_dataset, tiny_checkpoint):
+    from agents.bridger import CVAE_SIZES, CVAESource, cvae_kl_weight, fit_cvae
+    from agents.checkpoint import load_policy
+    from agents.training import WindowBank, load_frames
+
+    assert [cvae_kl_weight(i) for i in (0, 1, 500, 1000, 5000)] == [0.0, 1e-4, 0.05, 0.1, 0.1]
+    teacher, _ = load_policy(tiny_checkpoint)
+    bank = WindowBank.for_policy(load_frames(tiny_dataset), teacher.cfg)
+    obs, action, _ = bank.batch(torch.arange(len(bank)))
+    with torch.no_grad():
+        cond, x = teacher.global_cond(obs), teacher.normalize_action(action)
+
+    def reconstruction(source):  # the decoder at the posterior mean, against the demonstrated chunks
+        with torch.no_grad():
+            return float(((source.decode(cond, source.posterior(cond, x)[0]) - x) ** 2).mean())
+
+    torch.manual_seed(0)
+    untrained = CVAESource(cond.shape[-1], *teacher.action_shape, **CVAE_SIZES)
+    source = fit_cvae(teacher, bank, steps=150, batch_size=32, seed=0, progress=False)
+    assert not source.training and not any(p.requires_grad for p in source.parameters())
+    assert reconstruction(source) < 0.3 * reconstruction(untrained), (reconstruction(source), reconstruction(untrained))
+    again = fit_cvae(teacher, bank, steps=150, batch_size=32, seed=0, progress=False)  # deterministic from its seed
+    for a, b in zip(source.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bridger_with_a_cvae_source_saves_exports_resumes_and_samples_from_it(tiny_dataset, tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from agents.bridger import SOURCE_FILE, BridgerAgent, euler, unet_time
+    from agents.checkpoint import export_checkpoint
+    from agents.distill import load_distilled, read_distilled_config, train_baseline
+
+    out = tmp_path / "bridger_cvae"
+    cfg = _config("bridger", tiny_checkpoint, tiny_dataset, out, bridger_source="cvae", bridger_source_steps=20)
+    assert train_baseline(cfg)["step"] == 3
+    settings = read_distilled_config(out)["distilled"]
+    assert settings["source"] == "cvae" and settings["cvae"]["fit_steps"] == 20
+    assert settings["cvae"]["latent_dim"] == 64 and settings["cvae"]["hidden"] == 512
+    # A resumed run trains against the source it saved, never a new fit: mark the saved one, resume, find the mark.
+    saved = load_file(str(out / SOURCE_FILE))
+    saved["decoder.0.bias"] = saved["decoder.0.bias"] + 1.0
+    save_file(saved, str(out / SOURCE_FILE))
+    train_baseline(dataclasses_replace(cfg, steps=5))
+    assert read_distilled_config(out)["train_step"] == 5
+    for key, value in load_file(str(out / SOURCE_FILE)).items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    student, _ = load_distilled(out, "bridger", task="pusht")
+    source = student.distilled_parts["source"]
+    env = make_env("pusht", obs_type="state")
+    try:
+        agent = BridgerAgent(student, env.action_space, seed=4, steps=2)
+        cond = _cond(student, 1)
+        with torch.no_grad():
+            chunk = agent.plan(cond)
+            z = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))  # the row generator's first draw
+            velocity = lambda t, x: student.denoise(x, torch.tensor([unet_time(t, 100)]), cond)  # noqa: E731
+            expected = euler(velocity, source.decode(cond, z), 2, settings["t_eps"]).clamp(-1, 1)
+        torch.testing.assert_close(chunk, expected)
+        release = tmp_path / "release"
+        export_checkpoint(out, release)
+        assert load_file(str(release / SOURCE_FILE))["decoder.0.weight"].dtype == torch.float16
+        original = run_steps(env, make_agent("bridger:2", env, task="pusht", checkpoint=str(out), seed=5), 0, 9)
+        exported = run_steps(env, make_agent("bridger:2", env, task="pusht", checkpoint=str(release), seed=5), 0, 9)
+        np.testing.assert_allclose(exported, original, rtol=5e-3, atol=1e-3)
+        (release / SOURCE_FILE).unlink()
+        with pytest.raises(FileNotFoundError, match=SOURCE_FILE):
+            make_agent("bridger:2", env, task="pusht", checkpoint=str(release))
+        student.distilled_parts = {}
+        with pytest.raises(ValueError, match="CVAE source"):
+            BridgerAgent(student, env.action_space)
+    finally:
+        env.close()
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
 
 
 def test_cost_table_reads_what_the_trainings_recorded(distilled, tmp_path):
