@@ -284,6 +284,7 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
     trainable = sum(p.numel() for p in student.parameters())
     if distiller.aux_optimizer is not None:  # a trained second network (OneDP's score net; CP's target is an EMA)
         trainable += sum(p.numel() for p in distiller.aux.parameters())
+    trainable += sum(p.numel() for part in distiller.parts().values() for p in part.parameters())  # fitted first
 
     def averaged() -> Backbone:
         return mark_distilled(_ema_backbone(student, ema), settings, distiller.parts())

@@ -439,7 +439,7 @@ def test_bridger_with_a_cvae_source_saves_exports_resumes_and_samples_from_it(ti
     from safetensors.torch import load_file, save_file
 
     from agents.bridger import SOURCE_FILE, BridgerAgent, euler, unet_time
-    from agents.checkpoint import export_checkpoint
+    from agents.checkpoint import export_checkpoint, load_policy
     from agents.distill import load_distilled, read_distilled_config, train_baseline
 
     out = tmp_path / "bridger_cvae"
@@ -448,6 +448,9 @@ def test_bridger_with_a_cvae_source_saves_exports_resumes_and_samples_from_it(ti
     settings = read_distilled_config(out)["distilled"]
     assert settings["source"] == "cvae" and settings["cvae"]["fit_steps"] == 20
     assert settings["cvae"]["latent_dim"] == 64 and settings["cvae"]["hidden"] == 512
+    source_parameters = sum(v.numel() for v in load_file(str(out / SOURCE_FILE)).values())
+    teacher_parameters = sum(p.numel() for p in load_policy(tiny_checkpoint)[0].parameters())
+    assert read_distilled_config(out)["trainable_parameters"] == teacher_parameters + source_parameters
     # A resumed run trains against the source it saved, never a new fit: mark the saved one, resume, find the mark.
     saved = load_file(str(out / SOURCE_FILE))
     saved["decoder.0.bias"] = saved["decoder.0.bias"] + 1.0
