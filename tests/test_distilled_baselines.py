@@ -1,6 +1,7 @@
 """Issue 15: Consistency Policy (cp:k) and OneDP (onedp) distilled from the DDPM backbone, and BRIDGeR (bridger:k)
 trained from its weights (agents/consistency.py, agents/onedp.py, agents/bridger.py, agents/distill.py)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -377,8 +378,6 @@ def test_bridger_loss_falls_on_a_short_run(tiny_dataset, tiny_checkpoint):
 
 
 def test_bridger_config_checks():
-    import dataclasses
-
     from agents.bridger import INTERPOLANTS
     from agents.distill import TrainBaselineConfig
 
@@ -455,7 +454,7 @@ def test_bridger_with_a_cvae_source_saves_exports_resumes_and_samples_from_it(ti
     saved = load_file(str(out / SOURCE_FILE))
     saved["decoder.0.bias"] = saved["decoder.0.bias"] + 1.0
     save_file(saved, str(out / SOURCE_FILE))
-    train_baseline(dataclasses_replace(cfg, steps=5))
+    train_baseline(dataclasses.replace(cfg, steps=5))
     assert read_distilled_config(out)["train_step"] == 5
     for key, value in load_file(str(out / SOURCE_FILE)).items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
@@ -485,12 +484,6 @@ def test_bridger_with_a_cvae_source_saves_exports_resumes_and_samples_from_it(ti
             BridgerAgent(student, env.action_space)
     finally:
         env.close()
-
-
-def dataclasses_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_cost_table_reads_what_the_trainings_recorded(distilled, tmp_path):
