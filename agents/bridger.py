@@ -72,13 +72,12 @@ from torch import Tensor, nn
 
 from agents.backbone import Backbone, PolicyConfig
 from agents.compute import autocast
-from agents.distill import DistilledAgent, Distiller, optimize
+from agents.distill import SOURCE_FILE, DistilledAgent, Distiller, optimize
 from agents.samplers import randn
 
 INTERPOLANTS = ("linear", "power3")
-SOURCES = ("gaussian", "cvae")
+SOURCES = ("gaussian", "cvae")  # --bridger-source (TrainBaselineConfig restates them: tested equal)
 DEFAULT_STEPS = 2  # bridger without :k
-SOURCE_FILE = "source.safetensors"  # the CVAE source's weights, beside the student's model.safetensors
 CVAE_SIZES = {"latent_dim": 64, "hidden": 512, "layers": 3}  # the authors' vae.json / VAEConditionalMLP
 CVAE_KL_RAMP, CVAE_KL_MAX, CVAE_REC_WEIGHT = 1e-4, 0.1, 10.0  # the authors' KL annealing and reconstruction weight
 

@@ -49,7 +49,8 @@ from step_envs.seeds import TRAIN_EVAL_SEEDS
 DISTILLED_FORMAT = "step-distilled"
 DISTILLED_METHODS = ("cp", "onedp", "bridger")
 DISTILLED_NAMES = {"cp": "Consistency Policy", "onedp": "OneDP", "bridger": "BRIDGeR"}
-PART_FILES = ("source.safetensors",)  # networks a student keeps beside model.safetensors (BRIDGeR's CVAE source)
+SOURCE_FILE = "source.safetensors"  # BRIDGeR's CVAE source (agents/bridger.py), beside the student's weights
+PART_FILES = (SOURCE_FILE,)  # the networks a student keeps beside model.safetensors, carried by step export
 
 
 # ---------------------------------------------------------------- schedule helpers

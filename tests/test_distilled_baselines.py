@@ -378,11 +378,12 @@ def test_bridger_loss_falls_on_a_short_run(tiny_dataset, tiny_checkpoint):
 
 
 def test_bridger_config_checks():
-    from agents.bridger import INTERPOLANTS
+    from agents.bridger import INTERPOLANTS, SOURCES
     from agents.distill import TrainBaselineConfig
 
-    field = {f.name: f for f in dataclasses.fields(TrainBaselineConfig)}["bridger_interpolant"]
-    assert field.metadata["choices"] == INTERPOLANTS
+    fields = {f.name: f for f in dataclasses.fields(TrainBaselineConfig)}
+    assert fields["bridger_interpolant"].metadata["choices"] == INTERPOLANTS
+    assert fields["bridger_source"].metadata["choices"] == SOURCES
     with pytest.raises(ValueError, match="--bridger-t-eps"):
         _config("bridger", "t", "d", None, bridger_t_eps=0.0)
     with pytest.raises(ValueError, match="--bridger-interpolant"):
