@@ -149,8 +149,11 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    untimed = []
     for r in rows:
         if r["core_hours"] is None or not r["success"]:
+            if r["success"]:
+                untimed.append(r["part"].split(" (")[0])
             continue
         spec, best = max(r["success"].items(), key=lambda kv: kv[1])
         if r["method"] == "ddpm":
@@ -163,7 +166,10 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
     ax.set_ylabel("best success rate")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{task}: what the acceleration costs to train")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
+    if untimed:  # a part whose training time predates its recording has no x: say so instead of dropping it silently
+        ax.text(0.01, 0.99, "not plotted (training time not recorded): " + ", ".join(untimed), transform=ax.transAxes,
+                fontsize=7, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # path may be a temporary name (atomic_write)
     plt.close(fig)

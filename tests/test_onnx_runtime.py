@@ -62,6 +62,18 @@ def test_onnx_chunks_match_torch(tiny_checkpoint, exported, env, spec):
     assert onnx_agent.graphs._tmp is None  # every graph came from the shared folder, none re-exported
 
 
+@pytest.mark.parametrize("spec", ("step:2", "step:0", "ddim:2"))
+def test_onnx_agent_acts_before_any_reset(tiny_checkpoint, exported, env, spec):
+    """make_agent then act(): no reset() in between (a user's first call), the torch agent's actions."""
+    obs, _ = env.reset(seed=5)
+    torch_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3)
+    onnx_agent = make_agent(spec, env, checkpoint=str(tiny_checkpoint), seed=3, runtime="onnx", onnx_dir=str(exported))
+    for _ in range(3):
+        a, b = torch_agent.act(obs), onnx_agent.act(obs)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)  # raw units (Push-T: pixels)
+    assert onnx_agent.n_replans == 1
+
+
 def test_onnx_noise_pool_keeps_the_torch_stream_across_refills_and_resets(tiny_checkpoint, exported, env):
     """The ONNX agent fetches its noise DRAW_BLOCK draws at a time: past a refill and after a reset its chunks are
     still the torch agent's (a shape whose block draw would differ falls back to one draw per call)."""
