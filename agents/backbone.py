@@ -94,6 +94,12 @@ PRESETS: dict[str, PolicyConfig] = {
     # Any image task on the CPU: the same encoder with the state tasks' U-Net (a quarter of the U-Net's
     # FLOPs); `step train-bench --obs-type pixels --preset image` against pusht_image.
     "image": PolicyConfig(down_dims=(64, 128, 256)),
+    # Timing only (`step latency --preset`, untrained): the state U-Net at the sizes the papers use, to show how
+    # STEP's fixed cost (predictor + bookkeeping, ~0.3-0.6 ms on this CPU) compares with one NFE of a larger net.
+    # Diffusion Policy's default CNN U-Net (62.5 M parameters with Push-T's shapes):
+    "dp_state": PolicyConfig(down_dims=(256, 512, 1024)),
+    # The STEP paper's "256M parameter version for DDPM" (its Appendix; 246.8 M with Push-T's shapes):
+    "paper_state": PolicyConfig(down_dims=(512, 1024, 2048)),
     # Tests only: the smallest network that still has every part.
     "tiny": PolicyConfig(down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4),
 }
