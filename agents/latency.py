@@ -114,29 +114,37 @@ def _warm(fn, calls: int, seconds: float) -> None:
             break
 
 
-def interleaved_medians(nfe, chunk, nfe_calls: int, calls: int, rounds: int, warmup_calls: int = 20,
-                        warmup_s: float = 0.1, encode=None) -> tuple[float, list, float | None]:
-    """(median seconds of ``nfe()``, every timed ``chunk()`` in seconds, median seconds of ``encode()`` or None)
-    from ``rounds`` alternating blocks (encode's blocks, when given, as long as nfe's).
+def alternating_samples(blocks: list[tuple[str, object, int]], rounds: int, warmup_calls: int = 20,
+                        warmup_s: float = 0.1) -> dict[str, list[float]]:
+    """Seconds of every timed call of each ``(name, fn, calls)`` block, the blocks run in turn ``rounds`` times (each
+    block's calls split over the rounds).
 
     Each block starts with untimed calls (up to ``warmup_calls`` or ``warmup_s`` seconds): after a switch the
     caches hold the other network's weights (the ONNX NFE and chunk graphs are separate sessions, each with its
     own 17 MB copy of the U-Net), and on this class of machine the shared L3 takes ~20 calls to hold the new copy
     again (measured: DDIM-1 / NFE 1.13 after one warm-up call per block, 1.045 after 20)."""
-    rounds = max(1, min(rounds, calls, nfe_calls))
-    nfe_samples, chunk_samples, encode_samples = [], [], []
-    blocks = [(nfe, nfe_calls, nfe_samples), (chunk, calls, chunk_samples)]
-    if encode is not None:
-        blocks.append((encode, nfe_calls, encode_samples))
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in blocks}
     for r in range(rounds):
-        for fn, n, out in blocks:
+        for name, fn, n in blocks:
             _warm(fn, warmup_calls, warmup_s)
             for _ in range(n // rounds + (r < n % rounds)):
                 t0 = time.perf_counter()
                 fn()
-                out.append(time.perf_counter() - t0)
-    encode_median = statistics.median(encode_samples) if encode_samples else None
-    return statistics.median(nfe_samples), chunk_samples, encode_median
+                samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def interleaved_medians(nfe, chunk, nfe_calls: int, calls: int, rounds: int, warmup_calls: int = 20,
+                        warmup_s: float = 0.1, encode=None) -> tuple[float, list, float | None]:
+    """(median seconds of ``nfe()``, every timed ``chunk()`` in seconds, median seconds of ``encode()`` or None)
+    from ``rounds`` alternating blocks (encode's blocks, when given, as long as nfe's; see alternating_samples)."""
+    rounds = max(1, min(rounds, calls, nfe_calls))
+    blocks = [("nfe", nfe, nfe_calls), ("chunk", chunk, calls)]
+    if encode is not None:
+        blocks.append(("encode", encode, nfe_calls))
+    samples = alternating_samples(blocks, rounds, warmup_calls, warmup_s)
+    encode_median = statistics.median(samples["encode"]) if encode is not None else None
+    return statistics.median(samples["nfe"]), samples["chunk"], encode_median
 
 
 def count_nfe(agent, history: dict, calls: int) -> float:

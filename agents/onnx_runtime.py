@@ -438,10 +438,6 @@ class NumpyStallDetector(StallDetector):
     Same delta (mean |A_t - A_{t-1}|, float32) and the same (lam, sigma) rule; ``delta`` stays a (B,) tensor (a view
     of the numpy delta) for the readers of ``agent.stall`` (``step stall-sweep``)."""
 
-    def __init__(self, cfg, shift: int):
-        super().__init__(cfg, shift)
-        self.reset()  # the agent's first act() may come before any reset(): delta_np must exist from the start
-
     def reset(self) -> None:
         super().reset()
         self.delta_np: np.ndarray | None = None

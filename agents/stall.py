@@ -50,10 +50,10 @@ class StallDetector:
     def __init__(self, cfg: StallConfig, shift: int):
         self.cfg = cfg
         self.shift = shift
-        self.delta: Tensor | None = None
+        self.reset()  # a detector is usable before any reset() (an agent's first act() may come first)
 
     def reset(self) -> None:
-        self.delta = None
+        self.delta: Tensor | None = None
 
     def update(self, prev: Tensor | None, cur: Tensor) -> Tensor | None:
         """Record delta between the previous and the new chunk (None on the first chunk of an episode)."""

@@ -1,6 +1,7 @@
 """Where STEP-1's time over DDIM-1 goes in the ONNX runtime: the chunk graphs alone against the agents' replans.
 
-Times, in alternating blocks (each block warmed first, medians over all blocks), on one observation history:
+Times, in alternating blocks (``agents.latency.alternating_samples``: each block warmed first; medians over all
+blocks), on one observation history:
   nfe         one bare ``unet.onnx`` call (the ratio's unit)
   ddim_graph  the DDIM-1 chunk graph's ``session.run`` alone (encoder, 1 U-Net call, update, unnormalise)
   step_graph  the STEP-1 chunk graph's ``session.run`` alone (the same + predictor + warm start)
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 
 from agents.checkpoint import find_predictor, load_policy, load_predictor
 from agents.factory import make_agent
-from agents.latency import _random_history
+from agents.latency import _random_history, alternating_samples
 from agents.onnx_runtime import graph_name
 from step_envs.registry import make_env
 
@@ -66,15 +66,7 @@ def main() -> None:
              "step_graph": lambda: step_graph.run(None, step_feeds),
              "ddim_chunk": lambda: ddim.chunk(history),
              "step_chunk": lambda: step.chunk(history)}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, call in calls.items():
-            for _ in range(20):  # the caches hold the other graph's weights after a switch
-                call()
-            for _ in range(args.calls):
-                t0 = time.perf_counter()
-                call()
-                samples[name].append(time.perf_counter() - t0)
+    samples = alternating_samples([(name, call, args.calls * args.rounds) for name, call in calls.items()], args.rounds)
     median = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     for name, ms in median.items():
         print(f"{name:11s} {ms:7.3f} ms   / NFE {ms / median['nfe']:.3f}")
