@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("agents.commands.export", "copy a trained policy + predictor, or a train-baseline student, "
                                            "to a small release folder (float16)"),
     "cost": ("agents.commands.cost", "training cost (params, steps, core-hours) vs success of STEP and its trained peers"),
+    "curves": ("agents.commands.curves", "training curves: rollout score with its interval, loss, and the knee"),
     "bench": ("agents.commands.bench", "every method on the same seeds: success, latency, Pareto plot"),
     "table": ("agents.commands.table", "several tasks' bench results side by side (Table 2/3) + Pareto panels"),
     "sweep": ("agents.commands.sweep", "bench cells (task x method x seed block x setting) on Ray, resumable, merged"),
