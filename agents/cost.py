@@ -43,10 +43,10 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _last_record(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    from agents.curves import read_jsonl  # the one reader of training logs (a corrupt record named, not a traceback)
+
+    records = read_jsonl(path) if path.exists() else []
+    return records[-1] if records else {}
 
 
 def _threads(value) -> int | None:
