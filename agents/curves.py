@@ -90,7 +90,8 @@ def markdown(curves: list[dict]) -> str:
         most = max((p["episodes"] for p in c["evals"]), default=0)
         seeds = (f"seeds {c['eval_seed_start']}-{c['eval_seed_start'] + most - 1}"
                  if c["eval_seed_start"] is not None and most else "the training-evaluation seeds")
-        lines += [f"{c['run']}: {c['last_step']} steps, {c['wall_seconds'] or 0:.0f} s of training; rollout score on "
+        wall = "unrecorded" if c["wall_seconds"] is None else f"{c['wall_seconds']:.0f}"
+        lines += [f"{c['run']}: {c['last_step']} steps, {wall} s of training; rollout score on "
                   f"{seeds}; knee (first step within {c['knee_tolerance']:.2f} of the best): {c['knee_step']}"
                   + (f"; steps counted from the weights of {c['init_from']}" if c["init_from"] else ""), "",
                   "| step | episodes | success [95 % CI] | loss | wall s |", "|---|---|---|---|---|"]
