@@ -21,7 +21,7 @@ from agents.latency import LatencyConfig, measure_latency
 from agents.peers import PEER_NAMES
 from step_envs.registry import get_task, make_env
 from step_envs.rollout import rollout, summarize
-from step_envs.safe_io import atomic_write
+from step_envs.safe_io import atomic_write, folder_lock
 from step_envs.seeds import EVAL_SEEDS
 
 METHOD_NAMES = {"ddpm": "Vanilla (DDPM)", "ddim": "DDIM", "dpmsolver": "DPM-Solver++", "step": "STEP",
@@ -91,14 +91,16 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     # Latency after the rollouts, with its own fixed thread count, one method after another.
     add_latency(rows, bench_latency(cfg, spec.name, obs_type, backbone, predictor))
-    if cfg.merge and not cfg.latency_only:
-        rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
-        cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
-
-    # a latency-only rerun keeps the wall time of the run that made the success rows
-    wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
-    report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
-    write_report(report, out)
+    # Read, merge and write under the folder's lock: two `--merge` runs into one folder (two lanes on two cores)
+    # each keep their rows, the later one waiting for the other's write.
+    with folder_lock(out, "bench", wait=True):
+        if cfg.merge and not cfg.latency_only:
+            rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
+            cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
+        # a latency-only rerun keeps the wall time of the run that made the success rows
+        wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
+        report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
+        write_report(report, out)
     return report
 
 

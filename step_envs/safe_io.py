@@ -86,15 +86,16 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def folder_lock(folder: str | Path, command: str):
-    """Hold the lock of an output folder for the block; FolderLockedError at once if a live process has it."""
+def folder_lock(folder: str | Path, command: str, wait: bool = False):
+    """Hold the lock of an output folder for the block; FolderLockedError at once if a live process has it, or,
+    with ``wait``, block until it lets go (a short read-modify-write such as a bench ``--merge``)."""
     folder = Path(folder).resolve()
     path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)

@@ -1,11 +1,17 @@
 """`step bench` end to end on a tiny checkpoint: JSON rows, Markdown table and Pareto plot."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from agents.cli import main
 from agents.factory import make_agent
 from step_envs.registry import make_env
 from step_envs.rollout import rollout, summarize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
@@ -96,3 +102,38 @@ def test_wilson_interval_known_values():
     assert wilson_interval(50, 50)[1] == 1.0
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Linux lists a process waiting for a flock in /proc/locks with '->' before the lock's type."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines() if len(line.split()) > 5)
+
+
+def test_merge_waits_for_another_merge_and_keeps_its_rows(tiny_checkpoint, tmp_path):
+    """Two `--merge` runs into one folder (two lanes): the one that finishes second waits for the folder's lock,
+    then reads the rows the first one wrote, so neither loses the other's."""
+    from agents.bench import load_report
+    from step_envs.safe_io import folder_lock
+
+    out = tmp_path / "bench"
+    common = ["--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--episodes", "2", "--num-envs", "2",
+              "--out", str(out), "--latency-calls", "2", "--max-steps", "20"]
+    assert main(["bench", "--methods", "ddim:2", *common]) == 0
+    with folder_lock(out, "test: another lane"):
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from agents.cli import main; "
+                                 "sys.exit(main(sys.argv[1:]))", "bench", "--methods", "ddim:1", "--merge", *common,
+                                 "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 300  # a bound on the wait for the other process, not a measured time
+        while not _blocked_on_a_lock(proc.pid):
+            assert proc.poll() is None, f"bench --merge did not wait for the lock: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "bench --merge never reached the folder's lock"
+            time.sleep(0.2)
+        # the other lane's rows land while this one waits
+        report = load_report(out)
+        report["rows"].append({**report["rows"][0], "steps": 3, "spec": "ddim:3"})
+        (out / "results.json").write_text(json.dumps(report))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    merged = load_report(out)
+    assert [(r["method"], r["steps"]) for r in merged["rows"]] == [("ddim", 2), ("ddim", 3), ("ddim", 1)]
