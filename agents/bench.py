@@ -90,10 +90,21 @@ def run_bench(cfg: BenchConfig) -> dict:
         rows = _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods)
 
     # Latency after the rollouts, with its own fixed thread count, one method after another.
-    add_latency(rows, bench_latency(cfg, spec.name, obs_type, backbone, predictor))
+    latency = bench_latency(cfg, spec.name, obs_type, backbone, predictor)
     # Read, merge and write under the folder's lock: two `--merge` runs into one folder (two lanes on two cores)
     # each keep their rows, the later one waiting for the other's write.
     with folder_lock(out, "bench", wait=True):
+        if cfg.latency_only:
+            # Read again under the lock: rows a `--merge` wrote while the latency was measured are kept (their
+            # own latency with them); the rows measured here get the new latency, and nothing else changes.
+            measured = {(row["method"], row["steps"]): lat for row, lat in zip(rows, latency)}
+            rows = load_report(out)["rows"]
+            for row in rows:
+                if (row["method"], row["steps"]) in measured:
+                    add_latency([row], [measured[row["method"], row["steps"]]])
+            cfg = replace(cfg, methods=row_specs(rows))
+        else:
+            add_latency(rows, latency)
         if cfg.merge and not cfg.latency_only:
             rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
             cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds

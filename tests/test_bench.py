@@ -137,3 +137,32 @@ def test_merge_waits_for_another_merge_and_keeps_its_rows(tiny_checkpoint, tmp_p
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     merged = load_report(out)
     assert [(r["method"], r["steps"]) for r in merged["rows"]] == [("ddim", 2), ("ddim", 3), ("ddim", 1)]
+
+
+def test_latency_only_keeps_rows_merged_while_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--latency-only` reads results.json again under the folder's lock before it writes: a `--merge` lane that
+    lands a row while the latency is being measured keeps it."""
+    import agents.bench as bench
+    from agents.bench import load_report
+
+    out = tmp_path / "bench"
+    common = ["--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--latency-calls", "2"]
+    assert main(["bench", "--methods", "ddim:2", "--episodes", "2", "--num-envs", "2", "--max-steps", "20",
+                 *common]) == 0
+    measure = bench.bench_latency
+
+    def measure_while_another_lane_merges(*args, **kwargs):
+        latency = measure(*args, **kwargs)
+        report = load_report(out)  # the other lane's row lands between this run's read and its write
+        report["rows"].append({**report["rows"][0], "steps": 3, "spec": "ddim:3", "success_rate": 0.5,
+                               "nfe_ms_median": -1.0})
+        (out / "results.json").write_text(json.dumps(report))
+        return latency
+
+    monkeypatch.setattr(bench, "bench_latency", measure_while_another_lane_merges)
+    assert main(["bench", "--latency-only", *common]) == 0
+    rows = load_report(out)["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 3)]
+    assert rows[0]["nfe_ms_median"] > 0  # re-measured
+    assert rows[1]["success_rate"] == 0.5 and rows[1]["nfe_ms_median"] == -1.0  # the merged row, untouched
+    assert load_report(out)["config"]["methods"] == ["ddim:2", "ddim:3"]
