@@ -105,9 +105,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             cfg = replace(cfg, methods=row_specs(rows))
         else:
             add_latency(rows, latency)
-        if cfg.merge and not cfg.latency_only:
-            rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
-            cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
+            if cfg.merge:
+                rows = merge_rows(out, spec.name, checkpoint, cfg, rows)
+                cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
         # a latency-only rerun keeps the wall time of the run that made the success rows
         wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
         report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
