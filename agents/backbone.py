@@ -60,6 +60,12 @@ class PolicyConfig:
     clip_sample_range: float = 1.0
     # image encoder (image variants only); never pretrained: nothing may be downloaded
     vision_backbone: str = "resnet18"
+    # Stage widths of the ResNet-18 layout are (w, 2w, 4w, 8w): 64 is torchvision's ResNet-18 itself; a smaller w
+    # builds the same 18-layer layout narrower (FLOPs ~ w^2), the encoder a CPU can train from scratch.
+    vision_width: int = 64
+    resize_shape: tuple[int, int] | None = None  # resize before the crop (a smaller image: FLOPs ~ pixels)
+    # one encoder per camera (Diffusion Policy's RoboMimic image recipe: agentview and wrist see different scenes)
+    separate_camera_encoders: bool = True
     crop_shape: tuple[int, int] | None = (84, 84)
     spatial_softmax_num_keypoints: int = 32
     use_group_norm: bool = True
@@ -75,7 +81,7 @@ class PolicyConfig:
     def from_dict(cls, data: dict) -> "PolicyConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("down_dims", "crop_shape"):
+        for key in ("down_dims", "crop_shape", "resize_shape"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -94,6 +100,11 @@ PRESETS: dict[str, PolicyConfig] = {
     # Any image task on the CPU: the same encoder with the state tasks' U-Net (a quarter of the U-Net's
     # FLOPs); `step train-bench --obs-type pixels --preset image` against pusht_image.
     "image": PolicyConfig(down_dims=(64, 128, 256)),
+    # The same layout at a quarter and a sixteenth of ResNet-18's width (stage widths 32-256 / 16-128): measured
+    # by `step train-bench --obs-type pixels --preset image_w32 / image_w16` and chosen by rollout score per
+    # CPU-hour (README, "Image policies").
+    "image_w32": PolicyConfig(down_dims=(64, 128, 256), vision_width=32),
+    "image_w16": PolicyConfig(down_dims=(64, 128, 256), vision_width=16),
     # Timing only (`step latency --preset`, untrained): the state U-Net at the sizes the papers use, to show how
     # STEP's fixed cost (predictor + bookkeeping, ~0.3-0.6 ms on this CPU) compares with one NFE of a larger net.
     # Diffusion Policy's default CNN U-Net (62.5 M parameters with Push-T's shapes):
@@ -102,6 +113,8 @@ PRESETS: dict[str, PolicyConfig] = {
     "paper_state": PolicyConfig(down_dims=(512, 1024, 2048)),
     # Tests only: the smallest network that still has every part.
     "tiny": PolicyConfig(down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4),
+    "tiny_image": PolicyConfig(down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4, vision_width=8,
+                               spatial_softmax_num_keypoints=8),
 }
 
 
@@ -132,8 +145,10 @@ def lerobot_config(cfg: PolicyConfig, features: FeatureSpec):
         **{k: v for k, v in dataclasses.asdict(cfg.schedule).items() if k != "timestep_spacing"},
         vision_backbone=cfg.vision_backbone,
         pretrained_backbone_weights=None,
+        resize_shape=tuple(cfg.resize_shape) if (features.cameras and cfg.resize_shape) else None,
         crop_shape=tuple(cfg.crop_shape) if (features.cameras and cfg.crop_shape) else None,
         spatial_softmax_num_keypoints=cfg.spatial_softmax_num_keypoints,
+        use_separate_rgb_encoder_per_camera=cfg.separate_camera_encoders,
         use_group_norm=cfg.use_group_norm,
         push_to_hub=False,
     )
@@ -213,6 +228,8 @@ class Backbone(nn.Module):
         self.features = features
         self.lerobot_cfg = lerobot_config(cfg, features)
         self.model = DiffusionModel(self.lerobot_cfg)
+        if features.cameras and cfg.vision_width != 64:
+            _narrow_rgb_encoders(self.model, cfg)
         self.normalizer = Normalizer(features)
 
     @property
@@ -253,6 +270,42 @@ class Backbone(nn.Module):
             action_is_pad = torch.zeros(action.shape[:2], dtype=torch.bool, device=action.device)
         batch["action_is_pad"] = action_is_pad
         return self.model.compute_loss(batch)
+
+
+def narrow_resnet18(width: int, use_group_norm: bool = True) -> nn.Sequential:
+    """ResNet-18's layout (7x7 stem, max-pool, four stages of two basic blocks, strides 1-2-2-2) with stage widths
+    (w, 2w, 4w, 8w), without the average pool and classifier: the feature map the spatial softmax reads. Built from
+    torchvision's BasicBlock; GroupNorm with 16 channels a group (LeRobot's rule) unless ``use_group_norm`` is off."""
+    from torchvision.models.resnet import BasicBlock
+
+    def norm(channels: int) -> nn.Module:
+        return nn.GroupNorm(max(1, channels // 16), channels) if use_group_norm else nn.BatchNorm2d(channels)
+
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False), norm(width),
+                               nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
+    inplanes = width
+    for stage, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        stride = 1 if stage == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), norm(planes))
+        layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm),
+                                    BasicBlock(planes, planes, norm_layer=norm)))
+        inplanes = planes
+    return nn.Sequential(*layers)
+
+
+def _narrow_rgb_encoders(model: nn.Module, cfg: PolicyConfig) -> None:
+    """Swap the ResNet-18 inside LeRobot's RGB encoder(s) for ``narrow_resnet18(cfg.vision_width)`` and rebuild the
+    spatial softmax for its feature map; the encoder's output size (2 x keypoints) and so the U-Net stay as they are."""
+    from lerobot.policies.diffusion.modeling_diffusion import SpatialSoftmax
+
+    encoders = model.rgb_encoder if isinstance(model.rgb_encoder, nn.ModuleList) else [model.rgb_encoder]
+    for encoder in encoders:
+        encoder.backbone = narrow_resnet18(cfg.vision_width, cfg.use_group_norm)
+        # same strides as ResNet-18, so the same feature-map height and width; 8w channels instead of 512
+        feature_map = (8 * cfg.vision_width, encoder.pool._in_h, encoder.pool._in_w)
+        encoder.pool = SpatialSoftmax(feature_map, num_kp=cfg.spatial_softmax_num_keypoints)
 
 
 def count_parameters(module: nn.Module) -> int:

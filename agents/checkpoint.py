@@ -143,6 +143,14 @@ def read_policy_config(path) -> dict:
     return _read_config(Path(path), POLICY_FORMAT)
 
 
+def env_provides(env: FeatureSpec, wanted: FeatureSpec) -> bool:
+    """Whether an env's observations and actions carry everything a checkpoint reads, in its shapes. Inputs the
+    checkpoint does not read are fine (an image policy in a ``pixels_state`` env ignores the env state)."""
+    return (env.state_dim == wanted.state_dim and env.action_dim == wanted.action_dim
+            and wanted.env_state_dim in (None, 0, env.env_state_dim)
+            and all(list(env.cameras.get(cam, [])) == list(shape) for cam, shape in wanted.cameras.items()))
+
+
 def load_policy(path, task: str | None = None, features: FeatureSpec | None = None) -> tuple[Backbone, dict]:
     """Load a backbone; refuse (ValueError) a checkpoint for another task or other obs/action shapes."""
     path = Path(path)
@@ -150,7 +158,7 @@ def load_policy(path, task: str | None = None, features: FeatureSpec | None = No
     saved = FeatureSpec(**config["features"])
     if task is not None and config["task"] != task:
         raise ValueError(f"Checkpoint {path} was trained for task {config['task']!r}, not {task!r}.")
-    if features is not None and dataclasses.asdict(features) != dataclasses.asdict(saved):
+    if features is not None and not env_provides(features, saved):
         raise ValueError(
             f"Checkpoint {path} expects observations/actions {dataclasses.asdict(saved)}, "
             f"but this env has {dataclasses.asdict(features)} (wrong obs_type or task?)."

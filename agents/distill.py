@@ -343,7 +343,7 @@ def read_distilled_config(path) -> dict:
 
 def load_distilled(path, method: str, task: str | None = None, features: FeatureSpec | None = None) -> tuple[Backbone, dict]:
     """Load a distilled student; refuse another method's, another task's, or other shapes (ValueError)."""
-    from agents.checkpoint import load_tensors
+    from agents.checkpoint import env_provides, load_tensors
 
     path = Path(path)
     config = read_distilled_config(path)
@@ -353,7 +353,7 @@ def load_distilled(path, method: str, task: str | None = None, features: Feature
     if task is not None and config["task"] != task:
         raise ValueError(f"Checkpoint {path} was distilled for task {config['task']!r}, not {task!r}.")
     saved = FeatureSpec(**config["features"])
-    if features is not None and dataclasses.asdict(features) != dataclasses.asdict(saved):
+    if features is not None and not env_provides(features, saved):
         raise ValueError(f"Checkpoint {path} expects observations/actions {dataclasses.asdict(saved)}, but this env "
                          f"has {dataclasses.asdict(features)} (wrong obs_type or task?).")
     backbone = Backbone(PolicyConfig.from_dict(config["policy"]), saved)

@@ -1,0 +1,85 @@
+"""Image policies end to end on tiny data: the narrow ResNet-18 encoder, training on camera frames, an image STEP
+agent in a pixels env, and the encoder running once per replan (never once per denoising step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents.backbone import PRESETS, Backbone, FeatureSpec, count_parameters, narrow_resnet18
+
+
+def test_narrow_resnet18_is_resnet18_at_width_64_and_keeps_the_condition_size():
+    import torchvision
+
+    trunk = torch.nn.Sequential(*list(torchvision.models.resnet18(weights=None).children())[:-2])
+    ours = narrow_resnet18(64, use_group_norm=False)
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in trunk.parameters()]
+    features = FeatureSpec(state_dim=2, action_dim=2, cameras={"top": [96, 96, 3]})
+    obs = {"observation.state": torch.zeros(1, 2, 2),
+           "observation.images.top": torch.randint(0, 255, (1, 2, 3, 96, 96), dtype=torch.uint8)}
+    sizes = {}
+    for name in ("image", "image_w32", "image_w16"):
+        backbone = Backbone(PRESETS[name], features).eval()
+        sizes[name] = (count_parameters(backbone.model.rgb_encoder[0]), backbone.global_cond(obs).shape)
+    # the encoder shrinks about with the square of the width; the U-Net's condition does not change
+    assert sizes["image_w16"][0] * 10 < sizes["image_w32"][0] * 3 < sizes["image"][0]
+    cond = (1, 2 * (2 + 2 * 32))  # (state + 32 keypoints' x, y) x 2 history frames
+    assert sizes["image"][1] == sizes["image_w32"][1] == sizes["image_w16"][1] == cond
+
+
+@pytest.fixture(scope="module")
+def pixels_checkpoint(tmp_path_factory):
+    """A tiny image backbone + predictor trained for a few steps on two short pixels_state episodes."""
+    from agents.training import TrainPolicyConfig, TrainPredictorConfig, train_policy, train_predictor
+    from step_envs.dataset import frame_from_obs, lerobot_features, write_dataset
+    from step_envs.registry import make_env
+
+    env = make_env("pusht", obs_type="pixels_state")
+    rng = np.random.default_rng(0)
+    episodes = []
+    for seed in range(2):
+        obs, _ = env.reset(seed=seed)
+        frames = []
+        for _ in range(20):
+            action = np.clip(obs["agent_pos"] + rng.uniform(-20, 20, 2), 0, 512).astype(np.float32)
+            frames.append(frame_from_obs(obs, action))
+            obs, *_ = env.step(action)
+        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    root = tmp_path_factory.mktemp("data") / "pusht_pixels_tiny"
+    write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=False),
+                  episodes=episodes, task_text="push the T", progress=False)
+    env.close()
+    out = tmp_path_factory.mktemp("ckpt") / "image_policy"
+    train_policy(TrainPolicyConfig(dataset=str(root), out=str(out), preset="tiny_image", obs_type="pixels", steps=3,
+                                   batch_size=4, warmup_steps=1, eval_every=0, progress=False))
+    train_predictor(TrainPredictorConfig(policy=str(out), dataset=str(root), steps=2, batch_size=4, warmup_steps=1,
+                                         ablation=False, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("method, obs_type", [("step:2", "pixels_state"), ("ddim:4", "pixels")])
+def test_image_agent_encodes_once_per_replan(pixels_checkpoint, method, obs_type):
+    import gymnasium as gym
+
+    from agents.factory import make_agent
+
+    env = gym.make("step/PushT-v0", obs_type=obs_type)  # the README quickstart's way; extra state keys are ignored
+    agent = make_agent(method, env, task="pusht", checkpoint=str(pixels_checkpoint))
+    (encoder,) = agent.backbone.model.rgb_encoder  # one camera, one encoder (separate_camera_encoders)
+    calls = []
+    encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    unet_calls = []
+    agent.backbone.model.unet.register_forward_hook(lambda module, args, out: unet_calls.append(1))
+    obs, _ = env.reset(seed=3)
+    agent.reset()
+    n_action_steps = agent.backbone.cfg.n_action_steps
+    for _ in range(2 * n_action_steps):
+        action = agent.act(obs)
+        assert action.shape == (2,) and np.isfinite(action).all()
+        obs, *_ = env.step(action)
+    env.close()
+    # two replans: one encoder call each over both history frames, while the U-Net ran 2 x k times
+    assert len(calls) == 2 and calls == [agent.backbone.cfg.n_obs_steps] * 2
+    assert len(unet_calls) == 2 * int(method.split(":")[1])
