@@ -376,6 +376,11 @@ def load_report(folder) -> dict:
     return json.loads(path.read_text())
 
 
+def column_label(report: dict) -> str:
+    """A task's name in the combined table, "image" added for a camera policy (state and image side by side)."""
+    return report["task"] + (" image" if report.get("obs_type") == "pixels" else "")
+
+
 def combined_table(reports: list[dict]) -> str:
     """Several tasks side by side (the paper's Table 2/3 layout): success and batch-1 time per method."""
     if not reports:
@@ -389,7 +394,7 @@ def combined_table(reports: list[dict]) -> str:
                 keys.append(key)
                 cells[key] = {}
             cells[key][column] = row
-    tasks = [r["task"] for r in reports]
+    tasks = [column_label(r) for r in reports]
     # ms per executed action beside ms per replan once methods execute different numbers of actions per replan
     # (streaming SDP / RNR-DP against chunked methods): the per-chunk and per-step costs then compare.
     per_action = len({actions_per_replan(r) for report in reports for r in report["rows"]}) > 1
@@ -409,7 +414,7 @@ def combined_table(reports: list[dict]) -> str:
             values += [success_cell(row), f"{row['latency_ms']['median']:.1f}"]
             values += [f"{ms_per_action(row):.2f}"] if per_action else []
         lines.append(f"| {shown} | {steps} | " + " | ".join(values) + " |")
-    episodes = ", ".join(f"{r['task']} {r['rows'][0]['episodes']} episodes on seeds {seed_range(r['rows'][0])}"
+    episodes = ", ".join(f"{column_label(r)} {r['rows'][0]['episodes']} episodes on seeds {seed_range(r['rows'][0])}"
                          for r in reports)
     lines += ["", f"Success [95 % Wilson interval] over {episodes}; time: median batch-1 chunk latency on the CPU."
               + (" For SDP / RNR-DP the time is one streaming replan (5 actions / 1 action); ms/act: the time per "
@@ -428,7 +433,7 @@ def combined_plot(reports: list[dict], path: Path) -> None:
     colours = {}
     for ax, report in zip(axes[0], reports):
         _pareto_panel(ax, report, colours)
-        ax.set_title(report["task"])
+        ax.set_title(column_label(report))
     axes[0][0].set_ylabel("success rate")
     fig.tight_layout()
     fig.savefig(path)

@@ -91,6 +91,17 @@ def test_table_puts_tasks_side_by_side(tmp_path, capsys):
     assert main(["table", str(tmp_path / "missing")]) == 2
 
 
+def test_table_shows_state_and_image_policies_of_one_task_side_by_side(tmp_path):
+    for name, obs_type in (("pusht", "state"), ("pusht_image", "pixels")):
+        (tmp_path / name).mkdir()
+        report = {**_report("pusht", [("step", 2, 0.8, 5.0)]), "obs_type": obs_type}
+        (tmp_path / name / "results.json").write_text(json.dumps(report))
+    assert main(["table", str(tmp_path / "pusht"), str(tmp_path / "pusht_image"), "--out", str(tmp_path / "t")]) == 0
+    table = (tmp_path / "t" / "table.md").read_text()
+    assert "| Method | Step | pusht success | pusht ms | pusht image success | pusht image ms |" in table
+    assert "pusht image 10 episodes on seeds 0-9" in table
+
+
 def test_wilson_interval_known_values():
     import pytest
 
