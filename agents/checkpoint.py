@@ -96,10 +96,20 @@ def features_from_spaces(obs_space, action_space) -> FeatureSpec:
     )
 
 
+LATER_POLICY_FIELDS = ("vision_width", "resize_shape", "separate_camera_encoders")
+
+
 def policy_fingerprint(backbone: Backbone) -> str:
     """Identifies the normalised spaces a predictor depends on (config, shapes, normaliser stats)."""
     h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(backbone.cfg), sort_keys=True, default=list).encode())
+    config = dataclasses.asdict(backbone.cfg)
+    # fields added after predictors were released count only when set away from their default, so that the
+    # fingerprints of every earlier checkpoint stay what they were
+    defaults = PolicyConfig()
+    for name in LATER_POLICY_FIELDS:
+        if config.get(name) == getattr(defaults, name):
+            config.pop(name, None)
+    h.update(json.dumps(config, sort_keys=True, default=list).encode())
     h.update(json.dumps(dataclasses.asdict(backbone.features), sort_keys=True).encode())
     for name, buf in sorted(backbone.normalizer.state_dict().items()):
         h.update(name.encode())
