@@ -100,9 +100,9 @@ PRESETS: dict[str, PolicyConfig] = {
     # Any image task on the CPU: the same encoder with the state tasks' U-Net (a quarter of the U-Net's
     # FLOPs); `step train-bench --obs-type pixels --preset image` against pusht_image.
     "image": PolicyConfig(down_dims=(64, 128, 256)),
-    # The same layout at a quarter and a sixteenth of ResNet-18's width (stage widths 32-256 / 16-128): measured
-    # by `step train-bench --obs-type pixels --preset image_w32 / image_w16` and chosen by rollout score per
-    # CPU-hour (README, "Image policies").
+    # The same layout at half and a quarter of ResNet-18's width (stage widths 32-256 / 16-128): timed by
+    # `step train-bench --obs-type pixels --preset image_w32 / image_w16` (results/train_bench/pusht_pixels_*_xeon);
+    # configs/pusht_pixels_policy.yaml uses image_w32. Not yet compared by rollout score per CPU-hour.
     "image_w32": PolicyConfig(down_dims=(64, 128, 256), vision_width=32),
     "image_w16": PolicyConfig(down_dims=(64, 128, 256), vision_width=16),
     # Timing only (`step latency --preset`, untrained): the state U-Net at the sizes the papers use, to show how
