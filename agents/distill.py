@@ -248,7 +248,7 @@ def _train_baseline(cfg: TrainBaselineConfig) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     data = load_frames(cfg.dataset, use_images=bool(teacher.features.cameras),
-                       use_env_state=bool(teacher.features.env_state_dim))
+                       use_env_state=bool(teacher.features.env_state_dim), progress=cfg.progress)
     if dataclasses.asdict(data.features()) != dataclasses.asdict(teacher.features):
         raise ValueError(f"Dataset features {dataclasses.asdict(data.features())} do not match the teacher's "
                          f"{dataclasses.asdict(teacher.features)}.")

@@ -108,7 +108,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset:
-        data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state")
+        data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state",
+                           progress=cfg.progress)
         features = data.features()
     else:
         features = _task_features(cfg.task, cfg.obs_type)

@@ -83,3 +83,35 @@ def test_image_agent_encodes_once_per_replan(pixels_checkpoint, method, obs_type
     # two replans: one encoder call each over both history frames, while the U-Net ran 2 x k times
     assert len(calls) == 2 and calls == [agent.backbone.cfg.n_obs_steps] * 2
     assert len(unet_calls) == 2 * int(method.split(":")[1])
+
+
+def test_video_frames_load_per_episode_exactly_as_lerobot_reads_them(tmp_path):
+    """load_frames decodes a video camera one episode at a time: every frame must equal LeRobot's own per-item read
+    (which seeks the video once per frame), in dataset row order across episodes of different lengths."""
+    from agents.training import load_frames
+    from step_envs.dataset import frame_from_obs, lerobot_features, load_dataset, write_dataset
+    from step_envs.registry import make_env
+
+    env = make_env("pusht", obs_type="pixels_state")
+    rng = np.random.default_rng(1)
+    episodes = []
+    for seed, length in ((0, 9), (1, 14), (2, 5)):
+        obs, _ = env.reset(seed=seed)
+        frames = []
+        for _ in range(length):
+            action = np.clip(obs["agent_pos"] + rng.uniform(-40, 40, 2), 0, 512).astype(np.float32)
+            frames.append(frame_from_obs(obs, action))
+            obs, *_ = env.step(action)
+        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    root = tmp_path / "pusht_video_tiny"
+    write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=True),
+                  episodes=episodes, task_text="push the T", progress=False)
+    env.close()
+    data = load_frames(root, use_images=True, progress=False)
+    ds = load_dataset(root)
+    key = next(k for k in ds.meta.video_keys)
+    expected = torch.stack([(ds[i][key] * 255).round().to(torch.uint8) for i in range(len(ds))])
+    frames = data.images[key.split(".")[-1]]
+    assert frames.dtype == torch.uint8 and frames.shape == expected.shape == (28, 3, 96, 96)
+    assert torch.equal(frames, expected)
+    assert not torch.equal(frames[8], frames[9])  # episode boundary: different scenes
