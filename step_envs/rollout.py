@@ -166,14 +166,29 @@ def _step_active(env, action, active, last_obs):
     terminated = np.zeros(width, dtype=bool)
     truncated = np.zeros(width, dtype=bool)
     is_success = np.zeros(width, dtype=bool)
-    obs = {key: np.array(value, copy=True) for key, value in last_obs.items()}
+    obs = _copy_obs(last_obs)
     for i in np.flatnonzero(active):
         sub_obs, r, term, trunc, sub_info = env.envs[i].step(action[i])
-        for key, value in sub_obs.items():
-            obs[key][i] = value
+        _set_row(obs, i, sub_obs)
         reward[i], terminated[i], truncated[i] = r, term, trunc
         is_success[i] = bool(sub_info.get("is_success", False))
     return obs, reward, terminated, truncated, {"is_success": is_success}
+
+
+def _copy_obs(obs):
+    """A copy of a batched observation; image observations nest a dict of cameras (``obs["pixels"]["top"]``)."""
+    if isinstance(obs, dict):
+        return {key: _copy_obs(value) for key, value in obs.items()}
+    return np.array(obs, copy=True)
+
+
+def _set_row(batched, i: int, sub_obs) -> None:
+    """Write one sub-env's observation into row ``i`` of the batched (possibly nested) observation."""
+    for key, value in sub_obs.items():
+        if isinstance(value, dict):
+            _set_row(batched[key], i, value)
+        else:
+            batched[key][i] = value
 
 
 def summarize(results: list[EpisodeResult]) -> dict:

@@ -58,6 +58,32 @@ def test_batched_matches_single():
         assert a.max_reward == pytest.approx(b.max_reward, abs=1e-9)
 
 
+class PixelRecordingAgent(ChaseBlockAgent):
+    """ChaseBlockAgent that also keeps the camera frames it was given (image observations nest a camera dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    def act(self, obs):
+        self.frames.append(np.asarray(obs["pixels"]["top"]).copy())
+        return super().act(obs)
+
+
+def test_batched_matches_single_with_camera_observations():
+    seeds = [0, 1, 2]
+    single_agent, batched_agent = PixelRecordingAgent(), PixelRecordingAgent()
+    single = rollout(make_env("pusht", obs_type="pixels_state"), single_agent, seeds, progress=False, max_steps=12)
+    batched = rollout(make_env("pusht", obs_type="pixels_state", num_envs=2), batched_agent, seeds, progress=False,
+                      max_steps=12)
+    assert [(r.seed, r.length) for r in single] == [(r.seed, r.length) for r in batched] == [(s, 12) for s in seeds]
+    # seed 0's frames: the single env's first 12 calls are the first row of the batched env's first 12 calls
+    assert batched_agent.frames[0].shape == (2, 96, 96, 3)
+    for step in range(12):
+        np.testing.assert_array_equal(single_agent.frames[step], batched_agent.frames[step][0])
+    assert not np.array_equal(batched_agent.frames[0][0], batched_agent.frames[11][0])  # the scene moved
+
+
 def test_videos_are_playable(tmp_path):
     env = make_env("pusht")
     results = rollout(env, make_agent("random", env, seed=0), [3, 4], video_dir=tmp_path, num_videos=1,
