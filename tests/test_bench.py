@@ -102,6 +102,21 @@ def test_table_shows_state_and_image_policies_of_one_task_side_by_side(tmp_path)
     assert "pusht image 10 episodes on seeds 0-9" in table
 
 
+def test_image_report_shows_encode_time_beside_the_denoiser():
+    from agents.bench import markdown_table
+
+    row = {"method": "step", "steps": 2, "episodes": 10, "seed_start": 0, "success_rate": 0.8, "mean_max_reward": 0.9,
+           "latency_ms": {"median": 30.0, "p90": 35.0}, "nfe_ms_median": 5.0, "encode_ms_median": 12.0,
+           "ratio": 3.0, "ratio_with_encode": 30.0 / 22.0}
+    tables = {obs: markdown_table({"task": "pusht", "obs_type": obs, "latency_threads": 1, "wall_seconds": 1.0,
+                                   "rows": [row]}) for obs in ("state", "pixels")}
+    assert "Encode" not in tables["state"]
+    lines = [line for line in tables["pixels"].splitlines() if line.startswith("|")]
+    assert "| Encode (ms) | Time / (Encode + Step x NFE) |" in lines[0]
+    assert len({line.count("|") for line in lines}) == 1  # header, rule and row have the same columns
+    assert "| 3.00 | 12.00 | 1.36 | 2 |" in lines[2]
+
+
 def test_wilson_interval_known_values():
     import pytest
 
