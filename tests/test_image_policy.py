@@ -3,6 +3,8 @@ agent in a pixels env, and the encoder running once per replan (never once per d
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,25 @@ def test_image_agent_encodes_once_per_replan(pixels_checkpoint, method, obs_type
     # two replans: one encoder call each over both history frames, while the U-Net ran 2 x k times
     assert len(calls) == 2 and calls == [agent.backbone.cfg.n_obs_steps] * 2
     assert len(unet_calls) == 2 * int(method.split(":")[1])
+
+
+def test_eval_and_bench_read_the_obs_type_from_an_image_checkpoint(pixels_checkpoint, tmp_path, capsys):
+    """`step eval --video` and `step bench` on an image checkpoint with no --obs-type: camera frames reach it."""
+    import imageio.v2 as imageio
+
+    from agents.cli import main
+
+    assert main(["eval", "--task", "pusht", "--agent", "step:2", "--checkpoint", str(pixels_checkpoint),
+                 "--episodes", "2", "--num-envs", "2", "--video", str(tmp_path / "videos"), "--num-videos", "1"]) == 0
+    frames = imageio.mimread(tmp_path / "videos" / "episode_0.mp4")
+    assert len(frames) == 301 and "video:" in capsys.readouterr().out  # a full Push-T episode + the reset frame
+    assert main(["bench", "--task", "pusht", "--checkpoint", str(pixels_checkpoint), "--methods", "ddim:2,step:2",
+                 "--episodes", "2", "--num-envs", "2", "--max-steps", "16", "--latency-calls", "2",
+                 "--out", str(tmp_path / "bench"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert report["obs_type"] == "pixels"
+    assert all(row["encode_ms_median"] > 0 for row in report["rows"])
+    assert "Encode (ms)" in (tmp_path / "bench" / "results.md").read_text()
 
 
 def test_video_frames_load_per_episode_exactly_as_lerobot_reads_them(tmp_path):

@@ -20,7 +20,8 @@ class EvalConfig:
     task: str = "pusht"
     agent: str = option("expert", help="method spec: expert, random, ddpm:100, ddim:4, step:2 ...")
     checkpoint: str | None = option(None, help="policy checkpoint directory (trained agents)")
-    obs_type: str = option("state", choices=OBS_TYPES)
+    obs_type: str | None = option(None, choices=OBS_TYPES,
+                                  help="default: the checkpoint's (an image policy gets camera frames), else state")
     episodes: int = option(10, min=1)
     seed_start: int = option(EVAL_SEEDS.start, min=0, help="first evaluation seed (step_envs/seeds.py)")
     num_envs: int = option(1, min=1, help="batch this many envs (one agent call per step)")
@@ -53,6 +54,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from agents.checkpoint import read_policy_config
     from agents.factory import make_agent
     from step_envs.registry import get_task, make_env
     from step_envs.rollout import rollout, summarize
@@ -60,7 +62,8 @@ def run(args) -> int:
     cfg = config_from_args(EvalConfig, args)
     spec = get_task(cfg.task)
     num_envs = None if cfg.num_envs <= 1 else cfg.num_envs
-    env = make_env(cfg.task, obs_type=cfg.obs_type, num_envs=num_envs, **cfg.make_env_kwargs())
+    obs_type = cfg.obs_type or (read_policy_config(cfg.checkpoint)["obs_type"] if cfg.checkpoint else "state")
+    env = make_env(cfg.task, obs_type=obs_type, num_envs=num_envs, **cfg.make_env_kwargs())
     try:
         extra = {"runtime": cfg.runtime} if cfg.runtime != "torch" else {}  # agents/onnx_runtime.py
         agent = make_agent(cfg.agent, env, task=spec.name, checkpoint=cfg.checkpoint, **extra)
