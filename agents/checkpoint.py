@@ -153,6 +153,15 @@ def read_policy_config(path) -> dict:
     return _read_config(Path(path), POLICY_FORMAT)
 
 
+def checkpoint_obs_type(path) -> str:
+    """The obs type a policy or distilled checkpoint was trained on; "state" without one (experts, a missing folder:
+    loading the agent then says what is wrong)."""
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.exists():
+        return "state"
+    return read_json(config, "the checkpoint").get("obs_type", "state")
+
+
 def env_provides(env: FeatureSpec, wanted: FeatureSpec) -> bool:
     """Whether an env's observations and actions carry everything a checkpoint reads, in its shapes. Inputs the
     checkpoint does not read are fine (an image policy in a ``pixels_state`` env ignores the env state)."""

@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from agents.checkpoint import read_policy_config
+    from agents.checkpoint import checkpoint_obs_type
     from agents.factory import make_agent
     from step_envs.registry import get_task, make_env
     from step_envs.rollout import rollout, summarize
@@ -62,7 +62,7 @@ def run(args) -> int:
     cfg = config_from_args(EvalConfig, args)
     spec = get_task(cfg.task)
     num_envs = None if cfg.num_envs <= 1 else cfg.num_envs
-    obs_type = cfg.obs_type or (read_policy_config(cfg.checkpoint)["obs_type"] if cfg.checkpoint else "state")
+    obs_type = cfg.obs_type or checkpoint_obs_type(cfg.checkpoint)
     env = make_env(cfg.task, obs_type=obs_type, num_envs=num_envs, **cfg.make_env_kwargs())
     try:
         extra = {"runtime": cfg.runtime} if cfg.runtime != "torch" else {}  # agents/onnx_runtime.py
