@@ -299,14 +299,15 @@ def markdown_table(report: dict) -> str:
     # image policies: the encoder runs once per replan, so the chunk time is compared with encode + Step x NFE
     images = report["obs_type"] != "state"
     encode_head = "Encode (ms) | Time / (Encode + Step x NFE) | " if images else ""
+    header = (f"| Method | Step | Success [95 % CI] | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | "
+              f"Time / (Step x NFE) | {encode_head}NFE / replan | actions / replan | ms / action |")
     lines = [
         f"Task: {report['task']} ({report['obs_type']}), {report['rows'][0]['episodes']} episodes on seeds "
         f"{seed_range(report['rows'][0])}; success with its 95 % Wilson interval; latency: batch 1, "
         f"{report['latency_threads']} torch thread(s)" + (", image encoding included in Time." if images else "."),
         "",
-        f"| Method | Step | Success [95 % CI] | {reward_name} | Time (ms, median) | p90 (ms) | NFE (ms) | Time / (Step x NFE) "
-        f"| {encode_head}NFE / replan | actions / replan | ms / action |",
-        "|---" * (13 if images else 11) + "|",
+        header,
+        "|---" * (header.count("|") - 1) + "|",
     ]
     previous = None
     for row in report["rows"]:

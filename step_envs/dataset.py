@@ -83,13 +83,17 @@ def check_complete(root: Path) -> None:
     """Refuse (ValueError) a LeRobotDataset folder whose writer stopped before finalising it."""
     info = root / "meta" / "info.json"
     try:
-        json.loads(info.read_text())
+        features = json.loads(info.read_text()).get("features", {})
     except ValueError as err:
         raise ValueError(f"{info} is not valid JSON ({err}): {root} is damaged; {REBUILD_HINT}.") from None
+    videos = [f"videos/{key}" for key, feature in features.items() if feature.get("dtype") == "video"]
     for part in ("meta/episodes", "data"):
         if not any((root / part).rglob("*.parquet")):
             raise ValueError(f"{root} is a half-written LeRobotDataset (no {part}/*.parquet: its writer was stopped "
                              f"before it finished); {REBUILD_HINT}.")
+    for part in videos:
+        if not any((root / part).rglob("*.mp4")):
+            raise ValueError(f"{root} has lost its camera videos (no {part}/*.mp4); {REBUILD_HINT}.")
 
 
 def load_dataset(path: str | Path, **kwargs):

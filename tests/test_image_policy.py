@@ -136,3 +136,7 @@ def test_video_frames_load_per_episode_exactly_as_lerobot_reads_them(tmp_path):
     assert frames.dtype == torch.uint8 and frames.shape == expected.shape == (28, 3, 96, 96)
     assert torch.equal(frames, expected)
     assert not torch.equal(frames[8], frames[9])  # episode boundary: different scenes
+    for video in (root / "videos").rglob("*.mp4"):
+        video.unlink()
+    with pytest.raises(ValueError, match=r"has lost its camera videos \(no videos/observation.images.top/\*.mp4\)"):
+        load_frames(root, use_images=True, progress=False)
