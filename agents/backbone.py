@@ -105,6 +105,9 @@ PRESETS: dict[str, PolicyConfig] = {
     # configs/pusht_pixels_policy.yaml uses image_w32. Not yet compared by rollout score per CPU-hour.
     "image_w32": PolicyConfig(down_dims=(64, 128, 256), vision_width=32),
     "image_w16": PolicyConfig(down_dims=(64, 128, 256), vision_width=16),
+    # RoboMimic's 84x84 cameras: image_w32 with Diffusion Policy's random 76x76 crop (centre crop at inference);
+    # at 84x84 the default crop would keep the whole frame and augment nothing.
+    "robomimic_image": PolicyConfig(down_dims=(64, 128, 256), vision_width=32, crop_shape=(76, 76)),
     # Timing only (`step latency --preset`, untrained): the state U-Net at the sizes the papers use, to show how
     # STEP's fixed cost (predictor + bookkeeping, ~0.3-0.6 ms on this CPU) compares with one NFE of a larger net.
     # Diffusion Policy's default CNN U-Net (62.5 M parameters with Push-T's shapes):

@@ -35,7 +35,9 @@ class BenchConfig:
     methods: tuple[str, ...] = option(DEFAULT_METHODS, help="comma-separated method specs")
     episodes: int = option(50, min=1)
     seed_start: int = option(EVAL_SEEDS.start, min=0, help="first evaluation seed (step_envs/seeds.py)")
-    num_envs: int = option(50, min=1, help="envs batched per wave (one agent call per step for all of them)")
+    num_envs: int | None = option(None, min=1, help="envs batched per wave (one agent call per step for all of "
+                                                     "them; default 50, or the task's camera_num_envs for an image "
+                                                     "policy: step_envs/registry.py)")
     checkpoint: str | None = option(None, help="policy checkpoint (default: the task's committed checkpoint, "
                                                "see agents/checkpoint.py:default_checkpoint)")
     predictor: str | None = option(None, help="STEP's predictor checkpoint (default <checkpoint>/predictor), e.g. "
@@ -73,6 +75,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     predictor_path = Path(cfg.predictor) if cfg.predictor else find_predictor(checkpoint)
     predictor = load_predictor(predictor_path, backbone)[0] if predictor_path else None
     obs_type = policy_cfg["obs_type"]
+    cfg = replace(cfg, num_envs=wave_width(cfg.num_envs, spec, obs_type))  # results.json records the width used
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.episodes))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,18 @@ def run_bench(cfg: BenchConfig) -> dict:
         report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
         write_report(report, out)
     return report
+
+
+DEFAULT_NUM_ENVS = 50
+
+
+def wave_width(requested: int | None, spec, obs_type: str) -> int:
+    """Envs per bench wave: ``requested``, else 50, else for an image policy the task's ``camera_num_envs``."""
+    if requested is not None:
+        return requested
+    if obs_type != "state" and spec.camera_num_envs is not None:
+        return spec.camera_num_envs
+    return DEFAULT_NUM_ENVS
 
 
 # The pieces below are shared with `step sweep` (agents/sweep.py), so that its merged rows are bench rows.

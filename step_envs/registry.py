@@ -16,12 +16,17 @@ class TaskSpec:
     fps: int  # control rate, also the dataset fps
     real_hardware: bool = False  # excluded from simulator contract tests
     kwargs: dict = field(default_factory=dict)
+    # Envs batched per bench wave with cameras (None: as many as without). A MuJoCo camera env holds ~0.45 GB
+    # (measured: Lift pixels_state 0.37-0.57 GB against 0.11 GB in state; its GL context holds the model's
+    # textures), so 50 of them would not fit in 24 GB. A fixed width, not one sized to the free memory, keeps a
+    # bench's rows the same on every machine.
+    camera_num_envs: int | None = None
 
 
 def _robomimic(name: str, suite_task: str, horizon: int) -> TaskSpec:
     """A RoboMimic task on robosuite (step_envs/robomimic.py), 20 Hz."""
     return TaskSpec(name=name, env_id=f"step/{suite_task}-v0", entry_point="step_envs.robomimic:RoboMimicEnv",
-                    max_episode_steps=horizon, fps=20, kwargs={"task": suite_task})
+                    max_episode_steps=horizon, fps=20, kwargs={"task": suite_task}, camera_num_envs=10)
 
 
 def _so101(task: str, id_task: str, real: bool) -> TaskSpec:

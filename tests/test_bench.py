@@ -22,6 +22,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"]) for r in report["rows"]] == [("ddim", 2), ("step", 2), ("step-temporal", 2)]
+    assert report["config"]["num_envs"] == 2
     for row in report["rows"]:
         assert row["episodes"] == 2 and row["seed_start"] == 0
         assert row["latency_ms"]["median"] > 0 and row["nfe_ms_median"] > 0
@@ -61,6 +62,17 @@ def test_row_specs_rebuild_the_specs_of_older_rows():
     rows = [{"method": "ddpm", "steps": 100}, {"method": "sdp", "steps": 16}, {"method": "rnrdp", "steps": 15},
             {"method": "falcon", "steps": 2}, {"method": "step", "steps": 2, "spec": "step:2"}]
     assert row_specs(rows) == ("ddpm:100", "sdp", "rnrdp", "falcon:2", "step:2")
+
+
+def test_image_policies_of_mujoco_tasks_bench_in_narrower_waves_than_state_policies():
+    from agents.bench import wave_width
+    from step_envs.registry import get_task
+
+    # 50 robosuite camera envs hold ~22 GB: an image policy of a RoboMimic task gets the task's camera width
+    assert wave_width(None, get_task("lift"), "pixels") == get_task("lift").camera_num_envs == 10
+    assert wave_width(None, get_task("lift"), "state") == 50
+    assert wave_width(None, get_task("pusht"), "pixels") == 50  # a 2-D env: its images cost little
+    assert wave_width(7, get_task("lift"), "pixels") == 7  # --num-envs wins
 
 
 def test_bench_without_checkpoint_is_clear(tmp_path, capsys):

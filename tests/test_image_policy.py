@@ -31,6 +31,20 @@ def test_narrow_resnet18_is_resnet18_at_width_64_and_keeps_the_condition_size():
     assert sizes["image"][1] == sizes["image_w32"][1] == sizes["image_w16"][1] == cond
 
 
+def test_robomimic_image_preset_crops_its_84x84_cameras_at_random_in_training_and_centrally_in_eval():
+    features = FeatureSpec(state_dim=2, action_dim=2, cameras={"agentview": [84, 84, 3], "wrist": [84, 84, 3]})
+    frame = torch.rand(1, 3, 84, 84)
+    for name, augments in (("robomimic_image", True), ("image_w32", False)):
+        encoder = Backbone(PRESETS[name], features).model.rgb_encoder[0]
+        torch.manual_seed(0)
+        encoder.train()
+        first, second = encoder(frame), encoder(frame)
+        # a random crop smaller than the frame sees another window each call; at 84x84 the crop is the whole frame
+        assert (not torch.allclose(first, second)) == augments, name
+        encoder.eval()
+        assert torch.equal(encoder(frame), encoder(frame))
+
+
 @pytest.fixture(scope="module")
 def pixels_checkpoint(tmp_path_factory):
     """A tiny image backbone + predictor trained for a few steps on two short pixels_state episodes."""
