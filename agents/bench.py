@@ -122,7 +122,7 @@ DEFAULT_NUM_ENVS = 50
 
 
 def wave_width(requested: int | None, spec, obs_type: str) -> int:
-    """Envs per bench wave: ``requested``, else 50, else for an image policy the task's ``camera_num_envs``."""
+    """Envs per bench wave: ``requested``; else for an image policy the task's ``camera_num_envs``; else 50."""
     if requested is not None:
         return requested
     if obs_type != "state" and spec.camera_num_envs is not None:
