@@ -17,9 +17,9 @@ class TaskSpec:
     real_hardware: bool = False  # excluded from simulator contract tests
     kwargs: dict = field(default_factory=dict)
     # Envs batched per bench wave with cameras (None: as many as without). A MuJoCo camera env holds ~0.45 GB
-    # (measured: Lift pixels_state 0.37-0.57 GB against 0.11 GB in state; most likely its GL context's copy
-    # of the model's textures), so 50 of them would not fit in 24 GB. A fixed width, not one sized to the free memory, keeps a
-    # bench's rows the same on every machine.
+    # (measured: Lift pixels_state 0.37-0.57 GB against 0.11 GB in state; most likely its GL context's copy of
+    # the model's textures), so 50 of them would not fit in 24 GB. A fixed width, not one sized to the free
+    # memory, keeps a bench's rows the same on every machine.
     camera_num_envs: int | None = None
 
 
