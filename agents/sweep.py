@@ -69,7 +69,7 @@ class SweepSpec:
     # agent settings, each a list of values; the sweep runs their product (dotted keys set a nested field,
     # e.g. stall.sigma). Results of setting s go to <out>/<task>/<s>/ (without a grid: <out>/<task>/).
     grid: dict = field(default_factory=dict)
-    num_envs: int | None = None  # wave width; default: the first block's size
+    num_envs: int | None = None  # wave width; default: the first block's size (image policies: at most camera_num_envs)
     max_steps: int | None = None  # cap episodes (smoke runs only)
     latency_calls: int = 50
     latency_threads: int = 1
@@ -158,10 +158,14 @@ def seed_blocks(spec: SweepSpec) -> list[tuple[int, int]]:
     return blocks
 
 
-def wave_width(spec: SweepSpec, blocks: list[tuple[int, int]]) -> int:
-    """Envs per wave, checked so that each episode runs in the batch slot ``step bench --num-envs`` gives it."""
+def wave_width(spec: SweepSpec, blocks: list[tuple[int, int]], camera_width: int | None = None) -> int:
+    """Envs per wave, checked so that each episode runs in the batch slot ``step bench --num-envs`` gives it.
+
+    Default: the first block's size, capped at ``camera_width`` (the smallest ``TaskSpec.camera_num_envs`` among the
+    sweep's image policies, as ``step bench`` caps its waves: one robosuite camera env holds ~0.45 GB)."""
     first, total = blocks[0][0], sum(n for _, n in blocks)
-    width = min(spec.num_envs or blocks[0][1], total)
+    default = blocks[0][1] if camera_width is None else min(blocks[0][1], camera_width)
+    width = min(spec.num_envs or default, total)
     for start, count in blocks:
         if (start - first) % width:
             raise ValueError(f"Seed block {start}-{start + count - 1} starts {start - first} seeds after the first, not a "
@@ -307,7 +311,6 @@ def make_plan(spec: SweepSpec) -> Plan:
     from step_envs.registry import get_task
 
     blocks = seed_blocks(spec)
-    width = wave_width(spec, blocks)
     settings = grid_settings(spec.grid)
     version = code_version()
     tasks: dict[str, TaskPlan] = {}
@@ -323,6 +326,8 @@ def make_plan(spec: SweepSpec) -> Plan:
         parts = {method: method_subfolders(method) for method in spec.methods}
         by_parts = {p: checkpoint_hash(checkpoint, p) for p in set(parts.values())}
         tasks[task] = TaskPlan(task, checkpoint, given, {m: by_parts[p] for m, p in parts.items()}, config["obs_type"])
+    camera_widths = [get_task(t).camera_num_envs for t, tp in tasks.items() if tp.obs_type != "state"]
+    width = wave_width(spec, blocks, min((w for w in camera_widths if w is not None), default=None))
     cells, payloads = [], {}
     for task, tp in tasks.items():
         common = {"task": task, "checkpoint": str(tp.checkpoint), "obs_type": tp.obs_type, "code": version}
@@ -459,7 +464,7 @@ def merge_reports(plan: Plan, records: dict[str, dict], out: Path) -> tuple[list
             folder = out / task if label == DEFAULT_SETTING else out / task / label
             folder.mkdir(parents=True, exist_ok=True)
             cfg = BenchConfig(task=task, methods=tuple(methods), episodes=episodes, seed_start=start,
-                              num_envs=spec.num_envs or plan.blocks[0][1], checkpoint=tp.checkpoint_given,
+                              num_envs=plan.width, checkpoint=tp.checkpoint_given,
                               out=str(folder), latency_calls=spec.latency_calls, latency_threads=spec.latency_threads,
                               max_steps=spec.max_steps)
             # wall_seconds: the cells' own compute time (what one `step bench` on one machine would take, roughly)

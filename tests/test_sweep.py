@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from agents.cli import main
-from agents.sweep import checkpoint_hash, load_spec, make_plan, merge_blocks, seed_blocks
+from agents.sweep import SweepSpec, checkpoint_hash, load_spec, make_plan, merge_blocks, seed_blocks, wave_width
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"rollout_seconds", "latency_ms", "nfe_ms_median", "encode_ms_median", "ratio", "ratio_with_encode",
@@ -48,6 +48,18 @@ def test_bad_sweep_files_are_refused_in_one_line(tiny_checkpoint, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "cells").exists()  # refused before any work
+
+
+def test_wave_width_caps_camera_policies_as_bench_does():
+    spec = SweepSpec(tasks=["lift"], seeds={"start": 0, "episodes": 50})
+    blocks = seed_blocks(spec)
+    assert wave_width(spec, blocks) == 50  # state policies: one wave per block
+    assert wave_width(spec, blocks, camera_width=10) == 10  # image policies: the task's camera_num_envs
+    spec.num_envs = 25
+    assert wave_width(spec, blocks, camera_width=10) == 25  # num_envs wins, as --num-envs does
+    spec.num_envs, spec.seeds = None, {"start": 0, "episodes": 50, "block": 25}
+    with pytest.raises(ValueError, match="not a multiple of the wave width 20"):
+        wave_width(spec, seed_blocks(spec), camera_width=20)
 
 
 def test_blocks_cells_and_fingerprints(tiny_checkpoint, tmp_path):
