@@ -121,13 +121,17 @@ def run_bench(cfg: BenchConfig) -> dict:
 DEFAULT_NUM_ENVS = 50
 
 
+def camera_wave_cap(spec, obs_type: str) -> int | None:
+    """The most envs per wave for this policy: the task's ``camera_num_envs`` for an image policy, else None."""
+    return spec.camera_num_envs if obs_type != "state" else None
+
+
 def wave_width(requested: int | None, spec, obs_type: str) -> int:
     """Envs per bench wave: ``requested``; else for an image policy the task's ``camera_num_envs``; else 50."""
     if requested is not None:
         return requested
-    if obs_type != "state" and spec.camera_num_envs is not None:
-        return spec.camera_num_envs
-    return DEFAULT_NUM_ENVS
+    cap = camera_wave_cap(spec, obs_type)
+    return DEFAULT_NUM_ENVS if cap is None else cap
 
 
 # The pieces below are shared with `step sweep` (agents/sweep.py), so that its merged rows are bench rows.

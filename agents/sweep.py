@@ -307,6 +307,7 @@ class Plan:
 
 def make_plan(spec: SweepSpec) -> Plan:
     """Every cell with its fingerprint; all input checked before any work (clear one-line errors)."""
+    from agents.bench import camera_wave_cap
     from agents.checkpoint import default_checkpoint, read_policy_config
     from step_envs.registry import get_task
 
@@ -326,8 +327,8 @@ def make_plan(spec: SweepSpec) -> Plan:
         parts = {method: method_subfolders(method) for method in spec.methods}
         by_parts = {p: checkpoint_hash(checkpoint, p) for p in set(parts.values())}
         tasks[task] = TaskPlan(task, checkpoint, given, {m: by_parts[p] for m, p in parts.items()}, config["obs_type"])
-    camera_widths = [get_task(t).camera_num_envs for t, tp in tasks.items() if tp.obs_type != "state"]
-    width = wave_width(spec, blocks, min((w for w in camera_widths if w is not None), default=None))
+    caps = [camera_wave_cap(get_task(t), tp.obs_type) for t, tp in tasks.items()]
+    width = wave_width(spec, blocks, min((c for c in caps if c is not None), default=None))
     cells, payloads = [], {}
     for task, tp in tasks.items():
         common = {"task": task, "checkpoint": str(tp.checkpoint), "obs_type": tp.obs_type, "code": version}
