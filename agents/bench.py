@@ -114,6 +114,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         # a latency-only rerun keeps the wall time of the run that made the success rows
         wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
         report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
+        # wall_seconds covers one run only: say so when the table holds rows of earlier runs
+        report["merged"] = previous.get("merged", False) if cfg.latency_only else cfg.merge
         write_report(report, out)
     return report
 
@@ -346,9 +348,19 @@ def markdown_table(report: dict) -> str:
                      "NFE / action in results.json: measured in the rollouts. Step: RTI-DP k, Falcon k, SDP / RNR-DP "
                      "their ladder's levels K (agents/rtidp.py, falcon.py, streaming.py).")
         lines.append("")
-    lines.append(f"Bench wall time: {report['wall_seconds']:.0f} s."
+    if rollout_time_line(report):
+        lines.append(rollout_time_line(report))
+    lines.append(f"{'Last merged run' if report.get('merged') else 'Bench'} wall time: "
+                 f"{report['wall_seconds']:.0f} s."
                  + (" Latency re-measured afterwards on its own (`--latency-only`)." if report.get("latency_remeasured") else ""))
     return "\n".join(lines) + "\n"
+
+
+def rollout_time_line(report: dict) -> str:
+    """Each row's own rollout seconds: after ``--merge`` the rows come from several runs (often two lanes at once),
+    so no single wall time describes the table."""
+    timed = [f"{_label(r)} {r['rollout_seconds']:.0f}" for r in report["rows"] if "rollout_seconds" in r]
+    return f"Rollout seconds per row: {', '.join(timed)}." if timed else ""
 
 
 def actions_per_replan(row: dict) -> int:
