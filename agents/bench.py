@@ -113,9 +113,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                 cfg = replace(cfg, methods=row_specs(rows))  # the report's config names every row it holds
         # a latency-only rerun keeps the wall time of the run that made the success rows
         wall_seconds = previous["wall_seconds"] if cfg.latency_only else time.perf_counter() - t_start
-        report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds)
-        # wall_seconds covers one run only: say so when the table holds rows of earlier runs
-        report["merged"] = previous.get("merged", False) if cfg.latency_only else cfg.merge
+        # wall_seconds covers one run only: `merged` says so when the table holds rows of earlier runs
+        merged = previous.get("merged", False) if cfg.latency_only else cfg.merge
+        report = bench_report(cfg, spec.name, checkpoint, obs_type, rows, wall_seconds, merged)
         write_report(report, out)
     return report
 
@@ -158,8 +158,9 @@ def add_latency(rows: list[dict], latency_rows: list[dict]) -> None:
                                         "nfe_per_replan", "actions_per_replan", "ms_per_action")})
 
 
-def bench_report(cfg, task: str, checkpoint, obs_type: str, rows: list[dict], wall_seconds: float) -> dict:
-    """The content of results.json."""
+def bench_report(cfg, task: str, checkpoint, obs_type: str, rows: list[dict], wall_seconds: float,
+                 merged: bool = False) -> dict:
+    """The content of results.json (merged: the rows come from several runs, wall_seconds from the last)."""
     return {
         "task": task,
         "checkpoint": str(checkpoint),
@@ -167,6 +168,7 @@ def bench_report(cfg, task: str, checkpoint, obs_type: str, rows: list[dict], wa
         "latency_threads": cfg.latency_threads,
         "wall_seconds": wall_seconds,
         "latency_remeasured": cfg.latency_only,
+        "merged": merged,
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "rows": rows,
     }
