@@ -15,6 +15,20 @@ import os
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` -> the device a training run uses (auto: a CUDA GPU when there is one).
+
+    Training alone moves to the GPU; rollouts, benches and every agent run on the CPU (the project's target)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA GPU here; use --device cpu (or auto).")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
 
 
 def available_cores() -> int:
@@ -40,12 +54,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, has_images: bool, quiet: bool = False) -> str:
+def resolve_precision(precision: str, has_images: bool, quiet: bool = False, device_type: str = "cpu") -> str:
     """``auto`` / ``bf16`` / ``fp32`` -> the precision a run really uses ('bf16' or 'fp32')."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return "fp32"
+    if device_type == "cuda":  # every GPU this project meets (Ampere and later) has native bf16
+        return "bf16" if precision == "bf16" or has_images else "fp32"
     if not cpu_has_bf16():
         if precision == "bf16" and not quiet:
             print("precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX), training in fp32")
@@ -55,10 +71,10 @@ def resolve_precision(precision: str, has_images: bool, quiet: bool = False) -> 
     return "bf16"
 
 
-def autocast(precision: str):
-    """Context for the forward pass of a training step."""
+def autocast(precision: str, device_type: str = "cpu"):
+    """Context for the forward pass of a training step on ``device_type`` ('cpu' or 'cuda')."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from agents.checkpoint import (
     training_state_files,
     unflatten_optimizer,
 )
-from agents.compute import autocast, resolve_precision, resolve_threads, use_channels_last
+from agents.compute import autocast, resolve_device, resolve_precision, resolve_threads, use_channels_last
 from agents.config_files import option, validate_fields
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
@@ -95,8 +96,62 @@ def _decode_camera(ds, key: str, ep_raw: np.ndarray, timestamps: np.ndarray, pro
     return out
 
 
+def _raw_only(path) -> bool:
+    """A `step collect` folder reduced to its ``raw/`` episode cache (no LeRobot dataset beside it)."""
+    path = Path(path)
+    return (path / "raw").is_dir() and not (path / "lerobot").exists() and not (path / "meta").exists()
+
+
+def load_raw_frames(path, use_images: bool = False, use_env_state: bool = True, progress: bool = True) -> FrameData:
+    """Every kept episode of ``<path>/raw/seed_*.npz`` in seed order, as ``load_frames`` returns the dataset.
+
+    For a machine that has torch but not LeRobot's dataset stack (a lent GPU: ``scripts/gpu_train.py``): the raw
+    cache is what `step collect` builds its dataset from, with lossless frames where the dataset's videos are
+    AV1-encoded. Episodes that `step collect` cached beyond the dataset's count would be read too."""
+    files = sorted((Path(path) / "raw").glob("seed_*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{path}/raw holds no seed_*.npz episodes.")
+    parts: dict[str, list[np.ndarray]] = {}
+    episode = []
+    for number, file in enumerate(tqdm(files, desc="reading raw episodes", leave=False, disable=not progress)):
+        try:
+            with np.load(file) as z:
+                keys = [STATE_KEY, ACTION_KEY] + ([ENV_STATE_KEY] if use_env_state and ENV_STATE_KEY in z else [])
+                keys += [k for k in z.files if use_images and k.startswith(IMAGE_PREFIX)]
+                for key in keys:
+                    parts.setdefault(key, []).append(z[key])
+                episode.append(np.full(len(z[ACTION_KEY]), number, dtype=np.int64))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{file} is not a readable episode ({err}); delete it and rerun `step collect`.") from None
+    episode = torch.as_tensor(np.concatenate(episode))
+    images = {key[len(IMAGE_PREFIX):]: torch.as_tensor(np.concatenate(v)).permute(0, 3, 1, 2).contiguous()
+              for key, v in parts.items() if key.startswith(IMAGE_PREFIX)}  # (N, H, W, 3) -> (N, 3, H, W)
+    env_state = (torch.as_tensor(np.concatenate(parts[ENV_STATE_KEY]), dtype=torch.float32)
+                 if ENV_STATE_KEY in parts else None)
+    state = torch.as_tensor(np.concatenate(parts[STATE_KEY]), dtype=torch.float32)
+    action = torch.as_tensor(np.concatenate(parts[ACTION_KEY]), dtype=torch.float32)
+    return FrameData(state, action, env_state, images, episode, *_episode_bounds(episode))
+
+
+def _episode_bounds(episode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each frame's first and last (inclusive) frame of its episode (episodes are contiguous runs)."""
+    n = len(episode)
+    idx = torch.arange(n)
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = episode[1:] != episode[:-1]
+    start = torch.cummax(torch.where(change, idx, torch.zeros_like(idx)), 0).values
+    last = torch.ones(n, dtype=torch.bool)
+    last[:-1] = episode[1:] != episode[:-1]
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, torch.full_like(idx, n)), [0]), 0).values, [0])
+    return start, end
+
+
 def load_frames(path, use_images: bool = False, use_env_state: bool = True, progress: bool = True) -> FrameData:
-    """Read a LeRobotDataset (local root or `step collect` folder) fully into memory."""
+    """Read a LeRobotDataset (local root or `step collect` folder) fully into memory.
+
+    A `step collect` folder holding only its ``raw/`` cache is read from that (``load_raw_frames``)."""
+    if _raw_only(path):
+        return load_raw_frames(path, use_images, use_env_state, progress)
     ds = load_dataset(path)
     hf = ds.hf_dataset.with_format("numpy")
     state = torch.as_tensor(np.stack(hf[STATE_KEY]), dtype=torch.float32)
@@ -113,15 +168,7 @@ def load_frames(path, use_images: bool = False, use_env_state: bool = True, prog
         timestamps = np.asarray(hf["timestamp"], dtype=np.float64)
         for key in cams:  # kept as uint8 to save memory
             images[key[len(IMAGE_PREFIX):]] = _decode_camera(ds, key, ep_raw, timestamps, progress)
-    n = len(episode)
-    idx = torch.arange(n)
-    change = torch.ones(n, dtype=torch.bool)
-    change[1:] = episode[1:] != episode[:-1]
-    start = torch.cummax(torch.where(change, idx, torch.zeros_like(idx)), 0).values
-    last = torch.ones(n, dtype=torch.bool)
-    last[:-1] = episode[1:] != episode[:-1]
-    end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, torch.full_like(idx, n)), [0]), 0).values, [0])
-    return FrameData(state, action, env_state, images, episode, start, end)
+    return FrameData(state, action, env_state, images, episode, *_episode_bounds(episode))
 
 
 class Windows:
@@ -173,6 +220,14 @@ class WindowBank:
 
     def __len__(self) -> int:
         return len(self.action)
+
+    def to(self, device: torch.device) -> "WindowBank":
+        """Every tensor on ``device`` (a GPU run gathers its batches there: images stay uint8)."""
+        self.low_dim = {k: v.to(device) for k, v in self.low_dim.items()}
+        self.image_rows = self.image_rows.to(device)
+        self.images = {k: v.to(device) for k, v in self.images.items()}
+        self.action, self.action_is_pad = self.action.to(device), self.action_is_pad.to(device)
+        return self
 
     def batch(self, pick: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         obs = {k: v[pick] for k, v in self.low_dim.items()}
@@ -235,6 +290,8 @@ class TrainPolicyConfig:
     precision: str = option("auto", help="auto | bf16 | fp32 (auto: bf16 for image encoders on a CPU with native "
                                          "bf16, agents/compute.py)")
     channels_last: bool = False  # NHWC image encoder; measured slower here (agents/compute.py)
+    # Training alone moves to a GPU; its periodic rollouts, and every agent, run on the CPU.
+    device: str = option("auto", help="auto | cpu | cuda (auto: a CUDA GPU when torch sees one)")
     # Per-position noise levels for the streaming baselines (agents/per_position.py): chunk (Diffusion Policy) |
     # sdp | rnrdp | streaming (one backbone for both sdp and rnrdp). Recorded in config.json; sdp / rnrdp refuse
     # a backbone trained without.
@@ -269,6 +326,7 @@ def _rollout_score(backbone: Backbone, cfg: TrainPolicyConfig) -> dict:
     from step_envs.registry import make_env
     from step_envs.rollout import rollout, summarize
 
+    backbone = backbone.to("cpu")  # agents run on the CPU, whatever the training's device
     env = make_env(cfg.task, obs_type="state" if cfg.obs_type == "state" else "pixels")
     try:
         agent = make_agent(cfg.eval_method, env, task=cfg.task, backbone=backbone, seed=cfg.seed)
@@ -299,7 +357,7 @@ def policy_step_loss(backbone: Backbone, obs: dict, action: torch.Tensor, pad: t
     """The diffusion loss of one batch, its forward pass in ``precision`` (weights stay fp32).
 
     ``noise``: None (one timestep per sample) or a callable ``batch -> (B, H) timesteps`` (per-position noise)."""
-    with autocast(precision):
+    with autocast(precision, action.device.type):
         if noise is None:
             loss = backbone.loss(obs, action, pad)
         else:
@@ -396,12 +454,15 @@ class TrainingRun:
     def restore(self, tensors: dict, meta: dict) -> None:
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
-        self.ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(self.ema.shadow_params))]
+        self.ema.shadow_params = [tensors[f"ema.{i}"].to(p.device, copy=True)
+                                  for i, p in enumerate(self.ema.shadow_params)]
         self.ema.optimization_step = meta["ema_step"]
         self.step = meta["step"]
         self.generator.set_state(tensors["rng"].to(torch.uint8))
         if "torch_rng" in tensors:  # the loss draws its noise and timesteps from torch's global generator
             torch.set_rng_state(tensors["torch_rng"].to(torch.uint8))
+        if "cuda_rng" in tensors and torch.cuda.is_available():  # a GPU run draws them on the GPU
+            torch.cuda.set_rng_state(tensors["cuda_rng"].to(torch.uint8))
         if "numpy_rng" in tensors:
             _set_numpy_rng_state(tensors["numpy_rng"], meta["numpy_rng"])
         self.elapsed_before = meta.get("seconds", 0.0)
@@ -421,6 +482,8 @@ class TrainingRun:
         tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
         tensors["rng"] = self.generator.get_state()
         tensors["torch_rng"] = torch.get_rng_state()
+        if torch.cuda.is_initialized():
+            tensors["cuda_rng"] = torch.cuda.get_rng_state()
         tensors["numpy_rng"], numpy_rng = _numpy_rng_state()
         meta = {"step": self.step, "optimizer": opt_meta, "lr_schedule": self.lr_schedule.state_dict(),
                 "ema_step": self.ema.optimization_step, "seconds": self.seconds(), "numpy_rng": numpy_rng,
@@ -475,7 +538,8 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     if cfg.eval_every:
         check_train_eval_seeds(cfg.eval_seed_start, cfg.eval_episodes)
     torch.set_num_threads(resolve_threads(cfg.threads))
-    precision = resolve_precision(cfg.precision, has_images=cfg.obs_type == "pixels")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, has_images=cfg.obs_type == "pixels", device_type=device.type)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)  # every global RNG starts from the seed and is saved with the weights (exact resume)
@@ -495,6 +559,8 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     bank = WindowBank.for_policy(data, policy_cfg)
     if len(bank) == 0:
         raise ValueError("Dataset too small: no training windows.")
+    backbone.to(device)
+    bank.to(device)
 
     optimizer, lr_schedule, ema = make_optimizer(backbone, cfg)
     run = TrainingRun(out, cfg, optimizer, lr_schedule, ema, torch.Generator().manual_seed(cfg.seed))
@@ -519,9 +585,11 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
         commit_files(out, files)  # weights, config and state as one set: a kill mid-save never mixes two saves
 
     backbone.train()
-    bar = run.begin(f"train-policy ({precision}, {torch.get_num_threads()} threads)")
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    bar = run.begin(f"train-policy ({precision}, {where})")
     while run.step < run.end:
-        obs, action, pad = bank.batch(torch.randint(len(bank), (cfg.batch_size,), generator=run.generator))
+        pick = torch.randint(len(bank), (cfg.batch_size,), generator=run.generator)  # CPU generator: same draws
+        obs, action, pad = bank.batch(pick.to(device))
         loss = optimizer_step(backbone, optimizer, lr_schedule, ema, obs, action, pad, precision, noise)
         run.stepped({"loss": loss}, save, lambda: _rollout_score(_ema_backbone(backbone, ema), cfg))
     bar.close()
@@ -561,6 +629,7 @@ class TrainPredictorConfig:
     threads: int = option(0, min=0, help="torch CPU threads (0: every core)")
     precision: str = option("auto", help="auto | bf16 | fp32 for the predictor's forward pass (auto: fp32, a 0.4 M "
                                          "model gains nothing)")
+    device: str = option("auto", help="auto | cpu | cuda (auto: a CUDA GPU when torch sees one)")
     progress: bool = True
 
     def __post_init__(self):
@@ -581,6 +650,9 @@ class PredictorData:
     prev: torch.Tensor  # (N, H, A) normalised chunk planned Ta frames earlier
     has_prev: torch.Tensor  # (N,) False where Ta frames earlier lies before the episode start
 
+    def to(self, device) -> "PredictorData":
+        return PredictorData(*(t.to(device) for t in (self.cond, self.target, self.prev, self.has_prev)))
+
 
 def build_predictor_pairs(backbone: Backbone, data: FrameData, index: torch.Tensor, cfg: TrainPredictorConfig,
                           batch: int = 512) -> PredictorData:
@@ -600,24 +672,30 @@ def build_predictor_pairs(backbone: Backbone, data: FrameData, index: torch.Tens
     sampler = DDIMSampler(cfg.prev_policy_steps, ScheduleConfig.from_policy(pc)) if cfg.prev_source == "policy" else None
     conds, targets, prevs = [], [], []
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(backbone.parameters()).device  # the pairs are built where the backbone is, and kept on the CPU
+
+    def obs(rows):
+        return {k: v.to(device) for k, v in windows.obs(rows).items()}
+
     with torch.inference_mode():
         for s in range(0, len(index), batch):
             i, e = index[s : s + batch], earlier[s : s + batch]
-            conds.append(backbone.global_cond(windows.obs(i)))
-            targets.append(backbone.normalize_action(windows.action(i)[0]))
+            conds.append(backbone.global_cond(obs(i)).cpu())
+            targets.append(backbone.normalize_action(windows.action(i)[0].to(device)).cpu())
             if sampler is None:
-                prevs.append(backbone.normalize_action(windows.action(e)[0]))
+                prevs.append(backbone.normalize_action(windows.action(e)[0].to(device)).cpu())
             else:
-                noise = torch.randn((len(e), *backbone.action_shape), generator=gen)
-                prevs.append(sampler.run(backbone.denoise, backbone.global_cond(windows.obs(e)), noise))
+                noise = torch.randn((len(e), *backbone.action_shape), generator=gen).to(device)
+                prevs.append(sampler.run(backbone.denoise, backbone.global_cond(obs(e)), noise).cpu())
     return PredictorData(torch.cat(conds).clone(), torch.cat(targets).clone(), torch.cat(prevs).clone(), has_prev)
 
 
 def _fit_predictor(model: Predictor, train: PredictorData, cfg: TrainPredictorConfig, desc: str) -> None:
     from diffusers.optimization import get_scheduler
 
-    precision = resolve_precision(cfg.precision, has_images=False)
-
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, has_images=False, device_type=device.type)
+    train = train.to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -625,8 +703,10 @@ def _fit_predictor(model: Predictor, train: PredictorData, cfg: TrainPredictorCo
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not cfg.progress)
     for _ in bar:
         pick = torch.randint(len(train.cond), (cfg.batch_size,), generator=generator)
-        has_prev = train.has_prev[pick] & (torch.rand(len(pick), generator=generator) >= model.cfg.prev_dropout)
-        with autocast(precision):
+        keep = torch.rand(len(pick), generator=generator) >= model.cfg.prev_dropout
+        pick, keep = pick.to(device), keep.to(device)  # drawn on the CPU: the same draws on every device
+        has_prev = train.has_prev[pick] & keep
+        with autocast(precision, device.type):
             pred = model(train.cond[pick], train.prev[pick], has_prev)
         loss = torch.nn.functional.mse_loss(pred.float(), train.target[pick])
         optimizer.zero_grad(set_to_none=True)
@@ -673,6 +753,7 @@ def train_predictor(cfg: TrainPredictorConfig) -> dict:
 
 def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     torch.set_num_threads(resolve_threads(cfg.threads))
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     backbone, policy_config = load_policy(cfg.policy)
     out = Path(cfg.out) if cfg.out else Path(cfg.policy) / "predictor"
@@ -687,27 +768,31 @@ def _train_predictor(cfg: TrainPredictorConfig) -> dict:
     n_val = max(1, round(len(episodes) * cfg.val_fraction)) if len(episodes) > 1 and cfg.val_fraction > 0 else 0
     val_eps = set(episodes[len(episodes) - n_val :])
     train_eps = set(episodes) - val_eps
+    backbone.to(device)  # the pairs' conditions (the image encoder's work) are computed there
     train = build_predictor_pairs(backbone, data, sample_indices(data, drop, train_eps), cfg)
     val = build_predictor_pairs(backbone, data, sample_indices(data, drop, val_eps or train_eps), cfg)
+    backbone.to("cpu")
 
     base = PredictorConfig.for_policy(pc, backbone.features.action_dim, train.cond.shape[1],
                                       prev_dropout=cfg.prev_dropout, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                       ff_dim=cfg.ff_dim, n_encoder_layers=cfg.n_encoder_layers,
                                       n_cross_blocks=cfg.n_cross_blocks)
-    model = Predictor(base)
+    model = Predictor(base).to(device)
     t0 = time.time()
     _fit_predictor(model, train, cfg, "train-predictor")
+    model.to("cpu")
     params = sum(p.numel() for p in model.parameters())
     # training seconds and threads: the cost table (agents/cost.py) puts them beside the distilled peers'
     extra = {"policy_checkpoint": str(Path(cfg.policy).resolve()), "parameters": params,
              "train_config": dataclasses.asdict(cfg), "train_seconds": round(time.time() - t0, 1),
-             "train_threads": torch.get_num_threads()}
+             "train_threads": torch.get_num_threads(), "train_device": device.type}
     # Save before the (long) ablation so that stopping it never loses the predictor itself.
     save_predictor(out, model, backbone, extra=extra)
     models: dict[str, Predictor | None] = {"predictor": model, "temporal_only": None}
     if cfg.ablation:
-        spatial = Predictor(dataclasses.replace(base, use_prev=False, prev_dropout=0.0))
+        spatial = Predictor(dataclasses.replace(base, use_prev=False, prev_dropout=0.0)).to(device)
         _fit_predictor(spatial, train, cfg, "spatial-only ablation")
+        spatial.to("cpu")
         models["spatial_only"] = spatial
     metrics = evaluate_predictors(backbone, val, models)
     metrics["validation_episodes"] = sorted(val_eps) if val_eps else "none (train episodes reused)"

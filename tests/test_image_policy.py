@@ -154,3 +154,45 @@ def test_video_frames_load_per_episode_exactly_as_lerobot_reads_them(tmp_path):
         video.unlink()
     with pytest.raises(ValueError, match=r"has lost its camera videos \(no videos/observation.images.top/\*.mp4\)"):
         load_frames(root, use_images=True, progress=False)
+
+
+def test_a_raw_episode_cache_alone_loads_as_its_dataset(tmp_path):
+    """A `step collect` folder reduced to raw/ (what travels to a lent GPU, scripts/gpu_train.py) reads back as the
+    same frames, episode bounds and (lossless) images as the LeRobot dataset built from those episodes."""
+    import json
+
+    from agents.training import load_frames
+    from step_envs.dataset import frame_from_obs, lerobot_features, write_dataset
+    from step_envs.registry import make_env
+
+    env = make_env("pusht", obs_type="pixels_state")
+    rng = np.random.default_rng(2)
+    episodes = []
+    (tmp_path / "cache" / "raw").mkdir(parents=True)
+    for seed, length in ((100_000, 7), (100_001, 4)):
+        obs, _ = env.reset(seed=seed)
+        frames = []
+        for _ in range(length):
+            action = np.clip(obs["agent_pos"] + rng.uniform(-40, 40, 2), 0, 512).astype(np.float32)
+            frames.append(frame_from_obs(obs, action))
+            obs, *_ = env.step(action)
+        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+        np.savez_compressed(tmp_path / "cache" / "raw" / f"seed_{seed:07d}.npz",
+                            summary=json.dumps({"seed": seed, "kept": True}), **episodes[-1])
+    root = tmp_path / "dataset"
+    write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=False),
+                  episodes=episodes, task_text="push the T", progress=False)
+    env.close()
+    want = load_frames(root, use_images=True, progress=False)
+    got = load_frames(tmp_path / "cache", use_images=True, progress=False)
+    assert got.images["top"].shape == (11, 3, 96, 96) and got.images["top"].dtype == torch.uint8
+    for name in ("state", "action", "episode", "start", "end"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.images["top"], want.images["top"])
+    assert got.features() == want.features()
+    with pytest.raises(FileNotFoundError, match="holds no seed_"):
+        (tmp_path / "empty" / "raw").mkdir(parents=True)
+        load_frames(tmp_path / "empty")
+    (tmp_path / "cache" / "raw" / "seed_0100002.npz").write_bytes(b"cut short by a kill")
+    with pytest.raises(ValueError, match="seed_0100002.npz is not a readable episode"):
+        load_frames(tmp_path / "cache")

@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import pytest
+
 from agents.cli import main
 
 
@@ -221,3 +223,21 @@ def test_precision_and_threads_are_checked():
     assert resolve_threads(0) >= 1 and resolve_threads(1) == 1
     with pytest.raises(ValueError):
         resolve_threads(-1)
+
+
+def test_training_device_is_chosen_with_a_clear_error():
+    import torch
+
+    from agents.compute import resolve_device, resolve_precision
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here"):
+            resolve_device("cuda")
+    # on a GPU, bf16 autocast for image encoders (auto) and where asked; fp32 for the 1-D U-Net of state tasks
+    assert resolve_precision("auto", has_images=True, device_type="cuda") == "bf16"
+    assert resolve_precision("auto", has_images=False, device_type="cuda") == "fp32"
+    assert resolve_precision("fp32", has_images=True, device_type="cuda") == "fp32"
