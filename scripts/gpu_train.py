@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--budget-s", type=float, required=True, help="seconds for the policy's optimizer steps")
-    parser.add_argument("--predictor-steps", type=int, default=4000)
+    parser.add_argument("--predictor-steps", type=int, default=4000, help="0: no predictor")
     parser.add_argument("--predictor-config", default=None,
                         help="a predictor config.json whose train_config sizes this predictor (default: paper's)")
     parser.add_argument("--work", default="runs/gpu")
@@ -70,6 +70,10 @@ def main() -> None:
                                    warmup_steps=args.warmup_steps, log_every=100, save_every=max(steps // 4, 100),
                                    eval_every=0, init_from=args.init_from, device=args.device, progress=False))
     print(f"policy: {steps} steps in {time.time() - t0:.0f} s", flush=True)
+    if args.predictor_steps == 0:  # a state task's predictor sees the backbone only through its normaliser, which
+        export_checkpoint(run, args.export, half=True, overwrite=True)  # --init-from keeps: reuse the old one
+        print(f"exported to {args.export} (no predictor)", flush=True)
+        return
     sizes = {}
     if args.predictor_config:
         sizes = json.loads(Path(args.predictor_config).read_text())["train_config"]
