@@ -45,24 +45,32 @@ def test_robomimic_image_preset_crops_its_84x84_cameras_at_random_in_training_an
         assert torch.equal(encoder(frame), encoder(frame))
 
 
+def random_pixel_episodes(env, seeds_and_lengths, rng_seed: int, spread: float = 40.0) -> list[dict]:
+    """Short pixels_state Push-T episodes of random pusher moves around the pusher, as LeRobot frame dicts."""
+    from step_envs.dataset import frame_from_obs
+
+    rng = np.random.default_rng(rng_seed)
+    episodes = []
+    for seed, length in seeds_and_lengths:
+        obs, _ = env.reset(seed=seed)
+        frames = []
+        for _ in range(length):
+            action = np.clip(obs["agent_pos"] + rng.uniform(-spread, spread, 2), 0, 512).astype(np.float32)
+            frames.append(frame_from_obs(obs, action))
+            obs, *_ = env.step(action)
+        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    return episodes
+
+
 @pytest.fixture(scope="module")
 def pixels_checkpoint(tmp_path_factory):
     """A tiny image backbone + predictor trained for a few steps on two short pixels_state episodes."""
     from agents.training import TrainPolicyConfig, TrainPredictorConfig, train_policy, train_predictor
-    from step_envs.dataset import frame_from_obs, lerobot_features, write_dataset
+    from step_envs.dataset import lerobot_features, write_dataset
     from step_envs.registry import make_env
 
     env = make_env("pusht", obs_type="pixels_state")
-    rng = np.random.default_rng(0)
-    episodes = []
-    for seed in range(2):
-        obs, _ = env.reset(seed=seed)
-        frames = []
-        for _ in range(20):
-            action = np.clip(obs["agent_pos"] + rng.uniform(-20, 20, 2), 0, 512).astype(np.float32)
-            frames.append(frame_from_obs(obs, action))
-            obs, *_ = env.step(action)
-        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    episodes = random_pixel_episodes(env, ((0, 20), (1, 20)), rng_seed=0, spread=20.0)
     root = tmp_path_factory.mktemp("data") / "pusht_pixels_tiny"
     write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=False),
                   episodes=episodes, task_text="push the T", progress=False)
@@ -124,20 +132,11 @@ def test_video_frames_load_per_episode_exactly_as_lerobot_reads_them(tmp_path):
     """load_frames decodes a video camera one episode at a time: every frame must equal LeRobot's own per-item read
     (which seeks the video once per frame), in dataset row order across episodes of different lengths."""
     from agents.training import load_frames
-    from step_envs.dataset import frame_from_obs, lerobot_features, load_dataset, write_dataset
+    from step_envs.dataset import lerobot_features, load_dataset, write_dataset
     from step_envs.registry import make_env
 
     env = make_env("pusht", obs_type="pixels_state")
-    rng = np.random.default_rng(1)
-    episodes = []
-    for seed, length in ((0, 9), (1, 14), (2, 5)):
-        obs, _ = env.reset(seed=seed)
-        frames = []
-        for _ in range(length):
-            action = np.clip(obs["agent_pos"] + rng.uniform(-40, 40, 2), 0, 512).astype(np.float32)
-            frames.append(frame_from_obs(obs, action))
-            obs, *_ = env.step(action)
-        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    episodes = random_pixel_episodes(env, ((0, 9), (1, 14), (2, 5)), rng_seed=1)
     root = tmp_path / "pusht_video_tiny"
     write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=True),
                   episodes=episodes, task_text="push the T", progress=False)
@@ -162,23 +161,16 @@ def test_a_raw_episode_cache_alone_loads_as_its_dataset(tmp_path):
     import json
 
     from agents.training import load_frames
-    from step_envs.dataset import frame_from_obs, lerobot_features, write_dataset
+    from step_envs.dataset import lerobot_features, write_dataset
     from step_envs.registry import make_env
 
     env = make_env("pusht", obs_type="pixels_state")
-    rng = np.random.default_rng(2)
-    episodes = []
+    seeds = (100_000, 100_001)
+    episodes = random_pixel_episodes(env, zip(seeds, (7, 4)), rng_seed=2)
     (tmp_path / "cache" / "raw").mkdir(parents=True)
-    for seed, length in ((100_000, 7), (100_001, 4)):
-        obs, _ = env.reset(seed=seed)
-        frames = []
-        for _ in range(length):
-            action = np.clip(obs["agent_pos"] + rng.uniform(-40, 40, 2), 0, 512).astype(np.float32)
-            frames.append(frame_from_obs(obs, action))
-            obs, *_ = env.step(action)
-        episodes.append({key: np.stack([f[key] for f in frames]) for key in frames[0]})
+    for seed, episode in zip(seeds, episodes):  # the raw cache's layout (step_envs/collect.py)
         np.savez_compressed(tmp_path / "cache" / "raw" / f"seed_{seed:07d}.npz",
-                            summary=json.dumps({"seed": seed, "kept": True}), **episodes[-1])
+                            summary=json.dumps({"seed": seed, "kept": True}), **episode)
     root = tmp_path / "dataset"
     write_dataset(root, fps=10, features=lerobot_features(env.observation_space, env.action_space, use_videos=False),
                   episodes=episodes, task_text="push the T", progress=False)
