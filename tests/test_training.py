@@ -241,3 +241,30 @@ def test_training_device_is_chosen_with_a_clear_error():
     assert resolve_precision("auto", has_images=True, device_type="cuda") == "bf16"
     assert resolve_precision("auto", has_images=False, device_type="cuda") == "fp32"
     assert resolve_precision("fp32", has_images=True, device_type="cuda") == "fp32"
+
+
+def test_gpu_train_script_trains_exports_and_reads_a_raw_cache_on_the_cpu(tmp_path, monkeypatch):
+    """scripts/gpu_train.py (the lent-GPU recipe) end to end on the CPU: raw/ cache in, a float16 release with its
+    predictor out, which load_policy / load_predictor accept."""
+    import runpy
+    import sys
+
+    import numpy as np
+    from conftest import scripted_episodes
+
+    from agents.checkpoint import load_policy, load_predictor
+
+    episodes, env = scripted_episodes(num_episodes=3, steps=30)
+    env.close()
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    for seed, episode in enumerate(episodes):
+        np.savez_compressed(tmp_path / "data" / "raw" / f"seed_{100_000 + seed:07d}.npz", **episode)
+    release = tmp_path / "release"
+    monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--dataset", str(tmp_path / "data"), "--task", "pusht",
+                                      "--preset", "tiny", "--batch-size", "16", "--budget-s", "1",
+                                      "--predictor-steps", "5", "--work", str(tmp_path / "work"),
+                                      "--export", str(release), "--device", "cpu"])
+    runpy.run_path("scripts/gpu_train.py", run_name="__main__")
+    backbone, config = load_policy(release, task="pusht")
+    assert config["train_step"] == 100 and config["weights_dtype"] == "float16"  # the probe's floor of 100 steps
+    load_predictor(release / "predictor", backbone)
