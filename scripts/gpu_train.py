@@ -56,7 +56,7 @@ def main() -> None:
     import torch
 
     from agents.checkpoint import export_checkpoint
-    from agents.training import TrainPolicyConfig, TrainPredictorConfig, train_policy, train_predictor
+    from agents.training import TrainPolicyConfig, train_policy
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device: {where}  torch {torch.__version__}", flush=True)
@@ -70,10 +70,16 @@ def main() -> None:
                                    warmup_steps=args.warmup_steps, log_every=100, save_every=max(steps // 4, 100),
                                    eval_every=0, init_from=args.init_from, device=args.device, progress=False))
     print(f"policy: {steps} steps in {time.time() - t0:.0f} s", flush=True)
-    if args.predictor_steps == 0:  # a state task's predictor sees the backbone only through its normaliser, which
-        export_checkpoint(run, args.export, half=True, overwrite=True)  # --init-from keeps: reuse the old one
-        print(f"exported to {args.export} (no predictor)", flush=True)
-        return
+    if args.predictor_steps:  # 0: a state task's predictor sees the backbone only through its normaliser, which
+        train_gpu_predictor(args, run)  # --init-from keeps, so the old predictor is reused
+    export_checkpoint(run, args.export, half=True, overwrite=True)
+    print(f"exported to {args.export}{'' if args.predictor_steps else ' (no predictor)'}", flush=True)
+
+
+def train_gpu_predictor(args, run: Path) -> None:
+    """The predictor of the run's policy, sized like ``--predictor-config``'s (default: the paper's sizes)."""
+    from agents.training import TrainPredictorConfig, train_predictor
+
     sizes = {}
     if args.predictor_config:
         sizes = json.loads(Path(args.predictor_config).read_text())["train_config"]
@@ -85,8 +91,6 @@ def main() -> None:
                                                   device=args.device, progress=False, **sizes))
     print(f"predictor: {args.predictor_steps} steps in {time.time() - t0:.0f} s; metrics "
           f"{json.dumps(report['metrics'])}", flush=True)
-    export_checkpoint(run, args.export, half=True, overwrite=True)
-    print(f"exported to {args.export}", flush=True)
 
 
 if __name__ == "__main__":

@@ -212,8 +212,6 @@ def test_train_bench_rows_and_outputs(tmp_path):
 
 
 def test_precision_and_threads_are_checked():
-    import pytest
-
     from agents.compute import resolve_precision, resolve_threads
 
     assert resolve_precision("fp32", has_images=True) == "fp32"
