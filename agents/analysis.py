@@ -1108,7 +1108,7 @@ def md_mare(report: dict) -> str:
 
 
 def md_predictor_only(report: dict) -> str:
-    from agents.bench import METHOD_NAMES
+    from agents.bench import method_name
 
     tgt = _target(report)
     lines = ["## Predictor only vs DDPM-100 vs STEP", "", "Closed loop:", "",
@@ -1117,7 +1117,7 @@ def md_predictor_only(report: dict) -> str:
     for task, res in report["tasks"].items():
         for row in res["closed_loop"]:
             name, _, steps = row["method"].partition(":")
-            label = "Predictor only (step:0)" if row["method"] == "step:0" else f"{METHOD_NAMES.get(name, name)}-{steps or ''}"
+            label = "Predictor only (step:0)" if row["method"] == "step:0" else f"{method_name(name)}-{steps or ''}"
             lines.append(f"| {task} | {label} | {row['success_rate']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] | "
                          f"{row['mean_max_reward']:.3f} | {_g(row['chunk_delta']['mean'])} ± {_g(row['chunk_delta']['sem'])} | "
                          f"{row['episodes']} ({row['seed_start']}-{row['seed_start'] + row['episodes'] - 1}) |")

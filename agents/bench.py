@@ -312,8 +312,17 @@ def seed_range(row: dict) -> str:
     return f"{row['seed_start']}-{row['seed_start'] + row['episodes'] - 1}"
 
 
+def method_name(method: str) -> str:
+    """A row's method in words: "step@30" -> "STEP, warm start t=30"."""
+    from agents.factory import split_warm_start
+
+    base, warm_start_t = split_warm_start(method)
+    name = METHOD_NAMES.get(base, base)
+    return name if warm_start_t is None else f"{name}, warm start t={warm_start_t}"
+
+
 def _label(row: dict) -> str:
-    return f"{METHOD_NAMES.get(row['method'], row['method'])}-{row['steps']}"
+    return f"{method_name(row['method'])}-{row['steps']}"
 
 
 def markdown_table(report: dict) -> str:
@@ -334,7 +343,7 @@ def markdown_table(report: dict) -> str:
     ]
     previous = None
     for row in report["rows"]:
-        name = METHOD_NAMES.get(row["method"], row["method"])
+        name = method_name(row["method"])
         shown = name if name != previous else ""
         previous = name
         lines.append(
@@ -442,7 +451,7 @@ def combined_table(reports: list[dict]) -> str:
     lines = [header, "|---|---|" + ("---|---|---|" if per_action else "---|---|") * len(tasks)]
     previous = None
     for method, steps in keys:
-        name = METHOD_NAMES.get(method, method)
+        name = method_name(method)
         shown, previous = (name if name != previous else ""), name
         values = []
         for column in range(len(reports)):

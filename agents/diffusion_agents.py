@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from agents.backbone import Backbone
-from agents.factory import DEFAULT_STEPS, WARM_SOURCES
+from agents.factory import DEFAULT_STEPS, WARM_SOURCES, warm_timesteps
 from agents.predictor import Predictor, shift_chunk
 from agents.samplers import DDIMSampler, Sampler, ScheduleConfig, WarmStart, make_sampler
 from agents.sb3 import DiffusionRowsMixin
@@ -51,6 +51,9 @@ class AgentConfig:
     seed: int = 0
     first_call: str = "predictor"  # STEP only, see module docstring
     warm_source: str = "predictor"  # STEP only, see WARM_SOURCES
+    # STEP only: the timestep where the warm start enters (None: the paper's, the first timestep of the K'-step
+    # DDIM schedule: STEP-2 runs t = 50, 0); an int t runs K' steps spread from t down to x0 (factory.warm_timesteps)
+    warm_start_t: int | None = None
     # STEP only: run the predictor as a frozen TorchScript trace in steady state. At batch 1 on a CPU the
     # eager module's per-op Python overhead is most of its cost; the trace cuts it about in half.
     trace_predictor: bool = True
@@ -81,8 +84,16 @@ class DiffusionAgent(DiffusionRowsMixin):  # + stable-baselines3's predict() (ag
         pc = backbone.cfg
         if pc.n_action_steps > pc.horizon - pc.n_obs_steps + 1:
             raise ValueError("n_action_steps must be <= horizon - n_obs_steps + 1")
+        if cfg.warm_start_t is not None and (cfg.method != "step" or cfg.steps == 0):
+            raise ValueError(f"{cfg.method}:{cfg.steps}: a warm-start timestep needs STEP with at least one denoising step.")
         # step:0 has no sampler: the predictor's chunk is the plan
-        self.sampler: Sampler | None = make_sampler(cfg.method, cfg.steps, ScheduleConfig.from_policy(pc)) if cfg.steps else None
+        schedule = ScheduleConfig.from_policy(pc)
+        self.sampler: Sampler | None = make_sampler(cfg.method, cfg.steps, schedule) if cfg.steps else None
+        # Starts from pure noise (STEP's first_call="noise", step-temporal's first call) run the plain K'-step DDIM
+        # schedule; only the warm start enters at warm_start_t.
+        self.noise_sampler = self.sampler
+        if cfg.warm_start_t is not None:
+            self.sampler = DDIMSampler(cfg.steps, schedule, timesteps=warm_timesteps(cfg.warm_start_t, cfg.steps))
         self.predictor = predictor.eval() if predictor is not None else None
         self._traced_predictor = None
         if cfg.method == "step" and predictor is not None:
@@ -155,7 +166,7 @@ class DiffusionAgent(DiffusionRowsMixin):  # + stable-baselines3's predict() (ag
         if self.warm is None:  # step:0, the predictor alone
             chunk = self._predict(cond, prev)
         elif prev is None and (self.cfg.first_call == "noise" or source == "temporal"):
-            chunk = self.sampler.sample(denoise, cond, shape, self.generators)
+            chunk = self.noise_sampler.sample(denoise, cond, shape, self.generators)
         else:
             if source == "temporal":
                 pred = shift_chunk(prev, self.backbone.cfg.n_action_steps)

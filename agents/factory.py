@@ -16,12 +16,35 @@ DEFAULT_METHODS = ("ddpm:100", "ddim:4", "ddim:2", "dpmsolver:4", "dpmsolver:2",
 
 
 # Method specs are parsed here and nowhere else: ``parse_method`` (name, steps), ``split_method`` (the STEP
-# ablation variants), ``DEFAULT_STEPS`` (a spec without ``:steps``) and ``needs_predictor``.
+# ablation variants), ``split_warm_start`` (STEP's warm-start timestep, "step@30:2"), ``DEFAULT_STEPS`` (a spec
+# without ``:steps``) and ``needs_predictor``.
 DEFAULT_STEPS = {"ddpm": 100, "ddim": 4, "dpmsolver": 4, "step": 2}
 # Where STEP's warm start comes from (the paper's Table 16 consistency ablation):
 #   predictor: f(o_t, A_{t-1}), spatiotemporal (STEP);  spatial: f(o_t) only, the previous chunk is never
 #   shown;  temporal: the previous chunk shifted by Ta, no predictor (first call of an episode: noise).
 WARM_SOURCES = ("predictor", "spatial", "temporal")
+
+
+def split_warm_start(name: str) -> tuple[str, int | None]:
+    """"step@30" -> ("step", 30): STEP whose warm start enters the diffusion at timestep 30 (of the 100 training
+    steps) instead of the first timestep of the K'-step DDIM schedule, its K' steps spread evenly from 30 down to
+    x0 (``warm_timesteps``). Plain names -> (name, None)."""
+    base, at, value = name.partition("@")
+    if not at:
+        return name, None
+    if split_method(base)[0] != "step":
+        raise ValueError(f"Method {name!r}: only STEP variants take a warm-start timestep '@t' (e.g. 'step@30:2').")
+    if not value.isdigit():
+        raise ValueError(f"Method {name!r}: the warm-start timestep after '@' must be an integer, e.g. 'step@30:2'.")
+    return base, int(value)
+
+
+def warm_timesteps(start: int, steps: int) -> list[int]:
+    """The K' DDIM timesteps of a warm start that enters at ``start``: evenly spread, [40, 20] for (40, 2)."""
+    if steps < 1 or start < steps:
+        raise ValueError(f"A warm start at timestep {start} cannot hold {steps} distinct denoising steps "
+                         f"(need start >= steps >= 1).")
+    return [start * (steps - i) // steps for i in range(steps)]
 
 
 def split_method(name: str) -> tuple[str, str]:
@@ -32,7 +55,7 @@ def split_method(name: str) -> tuple[str, str]:
 
 def needs_predictor(spec: str) -> bool:
     """Whether a method spec runs STEP's predictor (every STEP variant except step-temporal)."""
-    method, warm_source = split_method(parse_method(spec)[0])
+    method, warm_source = split_method(split_warm_start(parse_method(spec)[0])[0])
     return method == "step" and warm_source != "temporal"
 
 
@@ -87,7 +110,7 @@ def make_agent(method: str, env, task: str | None = None, checkpoint: str | None
         from agents.leader_arm import LeaderArm
 
         return LeaderArm(**kwargs)
-    if name in DIFFUSION_METHODS:
+    if split_warm_start(name)[0] in DIFFUSION_METHODS:
         return make_diffusion_agent(name, steps, env, task=task, checkpoint=checkpoint, seed=seed, **kwargs)
     from agents.peers import PEER_METHODS, make_peer_agent  # RTI-DP, Falcon, SDP, RNR-DP (issue 14)
 
@@ -135,6 +158,7 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
     obs_space, action_space, batch = _single_spaces(env)
     # "step-spatial" / "step-temporal": STEP with the warm start of the consistency ablation (Table 16).
     wants_predictor = needs_predictor(name)
+    name, warm_start_t = split_warm_start(name)  # "step@30": the warm start's timestep (split_warm_start)
     name, warm_source = split_method(name)
     steps = DEFAULT_STEPS[name] if steps is None else steps  # 0 is meaningful: step:0, the predictor alone
     if name == "ddpm" and steps != 100:
@@ -152,7 +176,8 @@ def make_diffusion_agent(name: str, steps: int | None, env, task: str | None = N
     if isinstance(stall, dict):
         stall = StallConfig(**stall)
     cfg = AgentConfig(method=name, steps=steps, seed=seed, first_call=first_call,
-                      warm_source=warm_source, stall=stall or StallConfig(), trace_predictor=trace_predictor)
+                      warm_source=warm_source, warm_start_t=warm_start_t, stall=stall or StallConfig(),
+                      trace_predictor=trace_predictor)
     if runtime == "onnx":
         from pathlib import Path
 

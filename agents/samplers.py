@@ -95,7 +95,7 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, steps: int, schedule: ScheduleConfig = ScheduleConfig()):
+    def __init__(self, steps: int, schedule: ScheduleConfig = ScheduleConfig(), timesteps: list[int] | None = None):
         from diffusers import DDIMScheduler
 
         self.steps = steps
@@ -108,15 +108,19 @@ class DDIMSampler(Sampler):
             set_alpha_to_one=True,
         )
         self.scheduler.set_timesteps(steps)
-        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.timesteps = [int(t) for t in self.scheduler.timesteps] if timesteps is None else [int(t) for t in timesteps]
+        if len(self.timesteps) != steps or any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])) \
+                or not 0 <= self.timesteps[-1] <= self.timesteps[0] < schedule.num_train_timesteps:
+            raise ValueError(f"DDIM timesteps {self.timesteps}: need {steps} strictly decreasing values in "
+                             f"[0, {schedule.num_train_timesteps}).")
         self._t = _timestep_tensors(self.timesteps)
         abar = self.scheduler.alphas_cumprod.double()
         final = float(self.scheduler.final_alpha_cumprod)
-        stride = schedule.num_train_timesteps // steps
-        # Per step: x0 = (x - b_t eps) / a_t ; x_prev = a_prev x0 + b_prev eps  (diffusers' formula).
+        # Per step: x0 = (x - b_t eps) / a_t ; x_prev = a_prev x0 + b_prev eps  (diffusers' formula). Each step
+        # lands on the next timestep of the list (diffusers' t - stride for its own spacings), the last on x0.
         self.coef = []
-        for t in self.timesteps:
-            prev = t - stride
+        for i, t in enumerate(self.timesteps):
+            prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
             ab_t = float(abar[t])
             ab_prev = float(abar[prev]) if prev >= 0 else final
             self.coef.append((math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_prev), math.sqrt(1 - ab_prev)))

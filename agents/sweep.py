@@ -247,9 +247,9 @@ def checkpoint_hash(folder: str | Path, subfolders: tuple[str, ...] | None = ())
 
 def method_subfolders(method: str) -> tuple[str, ...] | None:
     """The checkpoint subfolders a method reads: the solvers none, STEP its predictor, any other agent all."""
-    from agents.factory import DIFFUSION_METHODS
+    from agents.factory import DIFFUSION_METHODS, split_warm_start
 
-    name, _ = parse_method(method)
+    name = split_warm_start(parse_method(method)[0])[0]
     if name not in DIFFUSION_METHODS:
         return None
     return ("predictor",) if name.startswith("step") else ()

@@ -118,6 +118,33 @@ def test_consistency_ablation_warm_sources(env, tiny_checkpoint):
     assert seen[0] is None and seen[1] is not None
 
 
+def test_warm_start_timestep_variant(env, tiny_checkpoint):
+    """'step@30:2' enters at t=30 and spreads its two steps (30, 15); its noise starts keep the plain DDIM-2."""
+    from agents.bench import method_name
+    from agents.factory import needs_predictor, split_warm_start, warm_timesteps
+    from agents.samplers import DDIMSampler
+
+    agent = make_agent("step@30:2", env, task="pusht", checkpoint=str(tiny_checkpoint), first_call="noise", seed=2)
+    assert agent.sampler.timesteps == [30, 15] and agent.noise_sampler.timesteps == [50, 0]
+    assert agent.warm.sampler is agent.sampler and agent.cfg.warm_start_t == 30 and needs_predictor("step@30:2")
+    obs, _ = env.reset(seed=0)
+    agent.reset()
+    agent.act(obs)  # the first chunk: plain DDIM-2 from noise, the same as ddim:2's with the same seed
+    ddim = make_agent("ddim:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=2)
+    ddim.act(obs)
+    assert torch.equal(agent.last_chunk, ddim.last_chunk)
+    # a warm start at t=30: x_30 = sqrt(abar_30) pred + sqrt(1 - abar_30) noise, then 30 -> 15 -> x0
+    abar = DDIMSampler(2).scheduler.alphas_cumprod
+    assert abs(agent.warm.sampler.start_alpha - float(abar[30].sqrt())) < 1e-6
+    assert warm_timesteps(50, 4) == [50, 37, 25, 12] and warm_timesteps(7, 1) == [7]
+    assert split_warm_start("step-spatial@40") == ("step-spatial", 40) and split_warm_start("ddim") == ("ddim", None)
+    assert method_name("step@30") == "STEP, warm start t=30"
+    for bad, match in (("ddim@30:2", "only STEP"), ("step@x:2", "integer"), ("step@1:2", "distinct"),
+                       ("step@30:0", "only .step:0.")):
+        with pytest.raises(ValueError, match=match):
+            make_agent(bad, env, task="pusht", checkpoint=str(tiny_checkpoint))
+
+
 def test_traced_predictor_matches_eager(env, tiny_checkpoint):
     traced = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=1)
     eager = make_agent("step:2", env, task="pusht", checkpoint=str(tiny_checkpoint), seed=1, trace_predictor=False)

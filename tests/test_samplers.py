@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from agents.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, ScheduleConfig, WarmStart
@@ -20,6 +21,19 @@ def test_ddim_update_equals_diffusers_step():
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def test_ddim_explicit_timesteps():
+    """Explicit timesteps: the default list gives the default sampler; each step lands on the next listed timestep."""
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(1))
+    default, same = DDIMSampler(2, SCHED), DDIMSampler(2, SCHED, timesteps=[50, 0])
+    assert torch.equal(default.run(toy_eps, None, x), same.run(toy_eps, None, x))
+    s = DDIMSampler(2, SCHED, timesteps=[50, 25])
+    abar = s.scheduler.alphas_cumprod.double()
+    assert s.start_timestep == 50 and abs(s.coef[0][2] - abar[25].sqrt().item()) < 1e-9 and s.coef[1][2] == 1.0
+    for bad in ([25, 50], [50], [100, 0], [50, -1]):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            DDIMSampler(2, SCHED, timesteps=bad)
+
+
 def test_ddpm_update_equals_diffusers_step():
     s = DDPMSampler(100, SCHED)
     x = torch.randn(2, 16, 2)
@@ -33,8 +47,9 @@ def test_ddpm_update_equals_diffusers_step():
 def test_warm_start_at_full_noise_equals_noise_start():
     s = DDIMSampler(100, SCHED)
     assert s.start_timestep == 99 and s.start_alpha < 1e-3
-    noise = torch.randn(4, 16, 2)
-    pred = torch.rand(4, 16, 2) * 2 - 1
+    gen = torch.Generator().manual_seed(0)  # seeded: an unseeded draw failed the 2e-3 tolerance now and then
+    noise = torch.randn(4, 16, 2, generator=gen)
+    pred = torch.rand(4, 16, 2, generator=gen) * 2 - 1
     warm = WarmStart(s).initial(pred, noise)
     cond = torch.zeros(4, 1)
     assert torch.allclose(s.run(toy_eps, cond, warm), s.run(toy_eps, cond, noise), atol=2e-3)

@@ -41,9 +41,9 @@ class StepConfig(PreTrainedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from agents.factory import DIFFUSION_METHODS, parse_method
+        from agents.factory import DIFFUSION_METHODS, parse_method, split_warm_start
 
-        name, _ = parse_method(self.method)
+        name = split_warm_start(parse_method(self.method)[0])[0]  # "step@30:2": STEP with its warm start at t=30
         if name not in DIFFUSION_METHODS:
             raise ValueError(f"--policy.method={self.method!r}: the LeRobot plugin runs the diffusion methods "
                              f"({', '.join(DIFFUSION_METHODS)}), e.g. step:2 or ddim:4.")
