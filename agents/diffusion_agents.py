@@ -18,6 +18,10 @@ episode (no previous chunk), ``first_call="predictor"`` (default): the predictor
 so every STEP call costs the same k NFE + one predictor pass. ``first_call="noise"``: plain DDIM-k from
 noise for that one chunk.
 
+``step@t:k`` (``AgentConfig.warm_start_t``) moves where the warm start enters: at timestep t, with the k DDIM
+steps spread evenly from t down to x0, instead of the paper's first timestep of the k-step schedule (t = 50, 0
+for k = 2, whose second step at t = 0 barely changes the sample). Starts from noise keep the plain schedule.
+
 ``step:0`` (steps = 0) is the predictor alone: its chunk is executed as it is, with no denoising and no
 stall perturbation (the "predictor only" row of ``step analyze predictor-only``). Its first call uses
 the predictor's "no history" mode.
