@@ -39,15 +39,16 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     table = (out / "results.md").read_text()
     assert "| STEP | 2 |" in table and "| DDIM | 2 |" in table
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    # A merged row joins them; the report's config then names every row's method.
-    assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--methods", "ddim:1",
+    # Merged rows join them (a step@t variant is a row of its own); the report's config names every row's method.
+    assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--methods", "ddim:1,step@30:1",
                  "--episodes", "2", "--num-envs", "2", "--out", str(out), "--latency-calls", "2", "--max-steps", "40",
                  "--merge"]) == 0
     merged = json.loads((out / "results.json").read_text())
-    assert merged["config"]["methods"] == ["ddim:2", "step:2", "step-temporal:2", "ddim:1"]
+    assert merged["config"]["methods"] == ["ddim:2", "step:2", "step-temporal:2", "ddim:1", "step@30:1"]
     # Rows of two runs: the table gives each row's own rollout seconds, and names the wall time as the last run's.
     merged_md = (out / "results.md").read_text()
     assert "Bench wall time" in table and "Last merged run wall time" in merged_md
+    assert "| STEP, warm start t=30 | 1 |" in merged_md
     assert f"DDIM-2 {report['rows'][0]['rollout_seconds']:.0f}, STEP-2" in merged_md and "DDIM-1 " in merged_md
     # Latency re-measured alone keeps every success row, and measures each row's own method (not the last
     # merge's): every row's network calls per replan are its steps.
@@ -57,7 +58,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     assert again["latency_remeasured"] and again["wall_seconds"] == merged["wall_seconds"] and again["merged"]
     assert [(r["method"], r["steps"], r["success_rate"]) for r in again["rows"]] == [
         (r["method"], r["steps"], r["success_rate"]) for r in merged["rows"]]
-    assert [r["nfe_per_replan"] for r in again["rows"]] == [2, 2, 2, 1]
+    assert [r["nfe_per_replan"] for r in again["rows"]] == [2, 2, 2, 1, 1]
 
 
 def test_row_specs_rebuild_the_specs_of_older_rows():
