@@ -475,7 +475,7 @@ class OnnxDiffusionAgent(DiffusionAgent):
                  predictor: Predictor | None = None, onnx_dir=None, threads: int | None = None, task: str | None = None):
         if cfg.method not in ("ddpm", "ddim", "dpmsolver", "step"):
             raise ValueError(f"The ONNX runtime serves ddpm, ddim, dpmsolver and step variants, not {cfg.method!r}.")
-        if getattr(cfg, "warm_start_t", None) is not None:  # its step graphs bake in the paper's timesteps
+        if cfg.warm_start_t is not None:  # its step graphs bake in the paper's timesteps
             raise ValueError("The ONNX runtime runs STEP's paper warm start only; 'step@t' variants need runtime='torch'.")
         super().__init__(backbone, cfg, action_space, batch_size=batch_size, predictor=predictor)
         self.graphs = OnnxGraphs(backbone, predictor if cfg.method == "step" else None, onnx_dir, threads, task,

@@ -143,6 +143,8 @@ def test_warm_start_timestep_variant(env, tiny_checkpoint):
                        ("step@30:0", "only .step:0.")):
         with pytest.raises(ValueError, match=match):
             make_agent(bad, env, task="pusht", checkpoint=str(tiny_checkpoint))
+    with pytest.raises(ValueError, match="runtime='torch'"):  # the ONNX step graphs bake in the paper's timesteps
+        make_agent("step@30:2", env, task="pusht", checkpoint=str(tiny_checkpoint), runtime="onnx")
 
 
 def test_traced_predictor_matches_eager(env, tiny_checkpoint):
