@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--budget-s", type=float, required=True, help="seconds for the policy's optimizer steps")
     parser.add_argument("--predictor-steps", type=int, default=4000, help="0: no predictor")
+    parser.add_argument("--no-predictor-ablation", action="store_true",
+                        help="skip the spatial-only ablation (it doubles the predictor's time; metrics still written)")
     parser.add_argument("--predictor-config", default=None,
                         help="a predictor config.json whose train_config sizes this predictor (default: paper's)")
     parser.add_argument("--work", default="runs/gpu")
@@ -70,10 +72,13 @@ def main() -> None:
                                    warmup_steps=args.warmup_steps, log_every=100, save_every=max(steps // 4, 100),
                                    eval_every=0, init_from=args.init_from, device=args.device, progress=False))
     print(f"policy: {steps} steps in {time.time() - t0:.0f} s", flush=True)
+    # Export the policy before the predictor trains: a command killed at the device's time limit still leaves it.
+    export_checkpoint(run, args.export, half=True, overwrite=True)
+    print(f"exported the policy to {args.export}", flush=True)
     if args.predictor_steps:  # 0: a state task's predictor sees the backbone only through its normaliser, which
         train_gpu_predictor(args, run)  # --init-from keeps, so the old predictor is reused
-    export_checkpoint(run, args.export, half=True, overwrite=True)
-    print(f"exported to {args.export}{'' if args.predictor_steps else ' (no predictor)'}", flush=True)
+        export_checkpoint(run, args.export, half=True, overwrite=True)
+        print(f"exported the policy and its predictor to {args.export}", flush=True)
 
 
 def train_gpu_predictor(args, run: Path) -> None:
@@ -88,7 +93,8 @@ def train_gpu_predictor(args, run: Path) -> None:
                                        "n_cross_blocks") if k in sizes}
     t0 = time.time()
     report = train_predictor(TrainPredictorConfig(policy=str(run), dataset=args.dataset, steps=args.predictor_steps,
-                                                  device=args.device, progress=False, **sizes))
+                                                  ablation=not args.no_predictor_ablation, device=args.device,
+                                                  progress=False, **sizes))
     print(f"predictor: {args.predictor_steps} steps in {time.time() - t0:.0f} s; metrics "
           f"{json.dumps(report['metrics'])}", flush=True)
 

@@ -260,9 +260,11 @@ def test_gpu_train_script_trains_exports_and_reads_a_raw_cache_on_the_cpu(tmp_pa
     release = tmp_path / "release"
     monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--dataset", str(tmp_path / "data"), "--task", "pusht",
                                       "--preset", "tiny", "--batch-size", "16", "--budget-s", "1",
-                                      "--predictor-steps", "5", "--work", str(tmp_path / "work"),
-                                      "--export", str(release), "--device", "cpu"])
+                                      "--predictor-steps", "5", "--no-predictor-ablation",
+                                      "--work", str(tmp_path / "work"), "--export", str(release), "--device", "cpu"])
     runpy.run_path("scripts/gpu_train.py", run_name="__main__")
     backbone, config = load_policy(release, task="pusht")
     assert config["train_step"] == 100 and config["weights_dtype"] == "float16"  # the probe's floor of 100 steps
     load_predictor(release / "predictor", backbone)
+    metrics = json.loads((release / "predictor" / "config.json").read_text())["metrics"]
+    assert "predictor" in metrics and "temporal_only" in metrics and "spatial_only" not in metrics
