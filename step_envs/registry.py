@@ -23,10 +23,13 @@ class TaskSpec:
     camera_num_envs: int | None = None
 
 
-def _robomimic(name: str, suite_task: str, horizon: int) -> TaskSpec:
-    """A RoboMimic task on robosuite (step_envs/robomimic.py), 20 Hz."""
-    return TaskSpec(name=name, env_id=f"step/{suite_task}-v0", entry_point="step_envs.robomimic:RoboMimicEnv",
-                    max_episode_steps=horizon, fps=20, kwargs={"task": suite_task}, camera_num_envs=10)
+def _robomimic(name: str, suite_task: str, horizon: int, control: str = "delta") -> TaskSpec:
+    """A RoboMimic task on robosuite (step_envs/robomimic.py), 20 Hz; ``control="absolute"`` is the same task
+    under position control (``<name>-abs``, ``step/<Task>-Abs-v0``)."""
+    kwargs = {"task": suite_task} if control == "delta" else {"task": suite_task, "control": control}
+    suffix = "" if control == "delta" else "-Abs"
+    return TaskSpec(name=name, env_id=f"step/{suite_task}{suffix}-v0", entry_point="step_envs.robomimic:RoboMimicEnv",
+                    max_episode_steps=horizon, fps=20, kwargs=kwargs, camera_num_envs=10)
 
 
 def _so101(task: str, id_task: str, real: bool) -> TaskSpec:
@@ -46,6 +49,10 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     _robomimic("square", "Square", 400),
     _robomimic("transport", "Transport", 700),
     _robomimic("toolhang", "ToolHang", 700),
+    # The same tasks under position control (Diffusion Policy's abs_action), where the delta backbones fall short.
+    _robomimic("square-abs", "Square", 400, control="absolute"),
+    _robomimic("transport-abs", "Transport", 700, control="absolute"),
+    _robomimic("toolhang-abs", "ToolHang", 700, control="absolute"),
     # ManiSkill3 StackCube-v1 (step_envs/maniskill.py), 20 Hz; 200 steps (ManiSkill's 50 is an RL budget).
     TaskSpec(name="stackcube", env_id="step/StackCube-v0", entry_point="step_envs.maniskill:ManiSkillStackCubeEnv",
              max_episode_steps=200, fps=20),

@@ -1,5 +1,6 @@
 """``step/Lift-v0``, ``step/Can-v0``, ``step/Square-v0``, ``step/Transport-v0``, ``step/ToolHang-v0``:
-the RoboMimic tasks on robosuite 1.5.1 behind the STEP observation contract.
+the RoboMimic tasks on robosuite 1.5.1 behind the STEP observation contract; ``step/Square-Abs-v0``,
+``step/Transport-Abs-v0``, ``step/ToolHang-Abs-v0``: the same tasks under position control (``control="absolute"``).
 
 Simulator: robosuite's Lift, PickPlaceCan, NutAssemblySquare, TwoArmTransport (two Pandas, opposed) and
 ToolHang with Panda arms, the BASIC composite controller with an OSC_POSE arm part (robosuite's
@@ -12,8 +13,14 @@ State layout (RoboMimic's low-dim keys):
 Image variants: ``pixels`` = RoboMimic's cameras for the task, 84x84x3 uint8, upright:
   Lift/Can/Square ``agentview`` + ``robot0_eye_in_hand``; ToolHang ``sideview`` + ``robot0_eye_in_hand``;
   Transport ``shouldercamera0``, ``shouldercamera1``, ``robot0_eye_in_hand``, ``robot1_eye_in_hand``.
-Action: (7 per arm) float32 in [-1, 1]: dx, dy, dz (x 0.05 m), axis-angle rotation (x 0.5 rad), gripper
-(-1 open, +1 close; the Panda gripper integrates the sign, so 0 keeps the finger command as it is).
+Action, ``control="delta"`` (RoboMimic's, the default): (7 per arm) float32 in [-1, 1]: dx, dy, dz (x 0.05 m),
+axis-angle rotation (x 0.5 rad), gripper (-1 open, +1 close; the Panda gripper integrates the sign, so 0 keeps
+the finger command as it is).
+Action, ``control="absolute"`` (Diffusion Policy's position control, its ``abs_action``): (10 per arm) the
+grip site's target position in the robot base frame (3, metres), its target orientation in the base frame as
+the first two columns of the rotation matrix (6: continuous, unlike axis-angle), gripper as above. The same OSC
+controller tracks it; ``delta_to_absolute`` turns a delta action into the absolute one the delta controller
+would have set, so the delta experts make absolute demonstrations that replay the same motion.
 Success: robosuite's ``_check_success()``; the episode terminates on success; reward = robosuite's sparse
 reward (1.0 on success).
 """
@@ -44,6 +51,9 @@ IMAGE_SIZE = 84  # RoboMimic's image datasets
 VIDEO_SIZE = 256
 FPS = 20
 ARM_ACTION_DIM = 7  # 6 OSC_POSE deltas + 1 gripper
+ABS_ARM_ACTION_DIM = 10  # position 3 + rotation 6 (two matrix columns) + gripper 1
+CONTROLS = ("delta", "absolute")
+ABS_POSITION_LIMIT = 1.5  # metres from the robot base: beyond the Panda's reach (0.855 m), so never binding
 PROPRIO_KEYS = ("eef_pos", "eef_quat", "gripper_qpos")  # RoboMimic's low-dim robot keys, in this order
 PROPRIO_DIM = 9
 
@@ -87,7 +97,7 @@ def numpy_global_seed(seed: int):
         np.random.set_state(saved)
 
 
-def make_robosuite_env(task: RoboMimicTask):
+def make_robosuite_env(task: RoboMimicTask, control: str = "delta"):
     """The robosuite env with RoboMimic's settings; images are rendered by the adapter, not robosuite.
 
     robosuite draws some model properties (e.g. Lift's cube size) from NumPy's global RNG when it builds the
@@ -98,6 +108,9 @@ def make_robosuite_env(task: RoboMimicTask):
     from robosuite.controllers import load_composite_controller_config
 
     controller = load_composite_controller_config(robot="Panda")  # BASIC + OSC_POSE arm, delta, base frame
+    for part in controller["body_parts"].values():
+        if part.get("type") == "OSC_POSE":
+            part["input_type"] = control  # the goal in the base frame either way
     with numpy_global_seed(MODEL_SEED):
         return robosuite.make(
             task.robosuite_env,
@@ -115,6 +128,22 @@ def make_robosuite_env(task: RoboMimicTask):
         )
 
 
+def rotation_from_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The rotation matrix nearest two (not quite orthonormal) predicted columns: Gram-Schmidt, as in Zhou et
+    al.'s 6-D rotation representation. A degenerate pair (zero or parallel) is a clear error, not a NaN pose."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    nx = np.linalg.norm(x)
+    if nx < 1e-6:
+        raise ValueError(f"Absolute action's rotation columns {x.tolist()}, {y.tolist()} do not span a plane.")
+    x = x / nx
+    y = y - (x @ y) * x
+    ny = np.linalg.norm(y)
+    if ny < 1e-6:
+        raise ValueError(f"Absolute action's rotation columns {x.tolist()}, {y.tolist()} do not span a plane.")
+    y = y / ny
+    return np.stack([x, y, np.cross(x, y)], axis=1)
+
+
 class RoboMimicEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
 
@@ -127,9 +156,13 @@ class RoboMimicEnv(gym.Env):
         video_size: int = VIDEO_SIZE,
         cameras: tuple[str, ...] | None = None,
         fast_render: bool = True,
+        control: str = "delta",
     ):
         if task not in ROBOMIMIC_TASKS:
             raise ValueError(f"Unknown RoboMimic task {task!r}. Known: {', '.join(ROBOMIMIC_TASKS)}")
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+        self.control = control
         self.obs_type = check_obs_type(obs_type)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
@@ -144,7 +177,7 @@ class RoboMimicEnv(gym.Env):
         # Floor/table reflections and shadows double llvmpipe's render time; fast_render turns them off
         # (RoboMimic's own images have reflections; the scene content is the same).
         self.fast_render = fast_render
-        self.sim_env = make_robosuite_env(self.task)
+        self.sim_env = make_robosuite_env(self.task, control)
         model = self.sim_env.sim.model
         known = {model.camera_id2name(i) for i in range(model.ncam)}
         for cam in (*self.cameras, self.task.render_camera):
@@ -161,7 +194,11 @@ class RoboMimicEnv(gym.Env):
             environment_state=spaces.Box(-np.inf, np.inf, shape=(object_dim,), dtype=np.float32),
             cameras={cam: (image_size, image_size) for cam in self.cameras},
         )
-        self.action_space = spaces.Box(-1.0, 1.0, shape=(ARM_ACTION_DIM * n,), dtype=np.float32)
+        if control == "delta":
+            self.action_space = spaces.Box(-1.0, 1.0, shape=(ARM_ACTION_DIM * n,), dtype=np.float32)
+        else:
+            arm_high = np.array([ABS_POSITION_LIMIT] * 3 + [1.0] * 7, dtype=np.float32)
+            self.action_space = spaces.Box(-np.tile(arm_high, n), np.tile(arm_high, n), dtype=np.float32)
 
     # ------------------------------------------------------------------ observations
     def _observation(self) -> dict:
@@ -206,13 +243,52 @@ class RoboMimicEnv(gym.Env):
 
     def step(self, action):
         action = validate_action(action, self.action_space)
+        if self.control == "absolute":
+            action = self._robosuite_absolute(action)
         self._raw, reward, _, _ = self.sim_env.step(action.astype(np.float64))
         success = bool(self.sim_env._check_success())
         return self._observation(), float(reward), success, False, {"is_success": success}
 
     def hold_action(self) -> np.ndarray:
         """Zero end-effector motion; gripper 0 leaves the Panda's finger command where it is."""
-        return np.zeros(self.action_space.shape, dtype=np.float32)
+        delta = np.zeros(ARM_ACTION_DIM * self.task.num_robots, dtype=np.float32)
+        return delta if self.control == "delta" else self.delta_to_absolute(delta)
+
+    # ------------------------------------------------------------------ absolute (position) control
+    def _arm_controllers(self) -> list:
+        """Each arm's OSC controller with its state and base frame brought up to the current simulator state
+        (what robosuite does before it reads an action)."""
+        controllers = []
+        for robot in self.sim_env.robots:
+            robot.composite_controller.update_state()
+            controller = robot.part_controllers["right"]
+            controller.update(force=True)
+            controllers.append(controller)
+        return controllers
+
+    def delta_to_absolute(self, delta_action) -> np.ndarray:
+        """The absolute action (this env's ``control="absolute"`` layout) of the goal that robosuite's delta
+        controller sets for ``delta_action`` (7 per arm) in the current state."""
+        from scipy.spatial.transform import Rotation
+
+        delta = np.asarray(delta_action, dtype=np.float64).reshape(self.task.num_robots, ARM_ACTION_DIM)
+        arms = []
+        for controller, arm in zip(self._arm_controllers(), delta):
+            scaled = controller.scale_action(arm[:6])  # clips to [-1, 1] and scales, as set_goal does
+            pos = controller.compute_goal_pos(scaled[:3], goal_update_mode="achieved")
+            rot = Rotation.from_rotvec(scaled[3:6]).as_matrix() @ controller.goal_origin_to_eef_pose()[:3, :3]
+            arms.append(np.concatenate([pos, rot[:, 0], rot[:, 1], arm[6:7]]))
+        return np.concatenate(arms).astype(np.float32)
+
+    def _robosuite_absolute(self, action: np.ndarray) -> np.ndarray:
+        """Our absolute layout (rotation as two matrix columns) -> robosuite's (axis-angle), per arm."""
+        from scipy.spatial.transform import Rotation
+
+        arms = []
+        for arm in np.asarray(action, dtype=np.float64).reshape(self.task.num_robots, ABS_ARM_ACTION_DIM):
+            rot = rotation_from_columns(arm[3:6], arm[6:9])
+            arms.append(np.concatenate([arm[:3], Rotation.from_matrix(rot).as_rotvec(), arm[9:10]]))
+        return np.concatenate(arms)
 
     def render(self):
         if self.render_mode is None:

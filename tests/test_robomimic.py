@@ -218,3 +218,51 @@ def test_import_cli(tmp_path):
     assert main(["import-robomimic", "--hdf5", str(src), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "lerobot" / "meta" / "info.json").exists()
     assert main(["import-robomimic", "--hdf5", str(src), "--out", str(tmp_path / "out")]) == 2  # exists
+
+
+@pytest.mark.parametrize("task, steps", [("square", 60), ("transport", 20)])
+def test_position_control_replays_the_delta_expert(task, steps):
+    """step/<Task>-Abs-v0: the delta expert's actions, turned into the absolute goals the delta controller sets
+    (``delta_to_absolute``), drive the arms along the same path as under delta control, to within float32
+    rounding; the absolute actions are valid for the env (rotation columns orthonormal), 10 per arm."""
+    runs = {}
+    for name in (task, f"{task}-abs"):
+        env = make_env(name, obs_type="state")
+        expert = make_expert(name, env)
+        obs, _ = env.reset(seed=0)
+        expert.reset()
+        path, actions = [], []
+        for _ in range(steps):
+            action = expert.act(obs)
+            assert env.action_space.contains(action)
+            actions.append(action)
+            obs, *_ = env.step(action)
+            path.append(obs["agent_pos"])
+        runs[name] = np.stack(path), np.stack(actions)
+        env.close()
+    np.testing.assert_allclose(runs[f"{task}-abs"][0], runs[task][0], atol=1e-4)
+    arms = runs[task][1].shape[1] // 7
+    absolute = runs[f"{task}-abs"][1].reshape(steps, arms, 10)
+    columns = absolute[..., 3:9].reshape(steps, arms, 2, 3)
+    np.testing.assert_allclose(np.linalg.norm(columns, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.einsum("tai,tai->ta", columns[:, :, 0], columns[:, :, 1]), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(absolute[..., 9], runs[task][1].reshape(steps, arms, 7)[..., 6])  # gripper as is
+
+
+def test_position_control_holds_and_refuses_bad_rotations():
+    from step_envs.robomimic import rotation_from_columns
+
+    env = make_env("square-abs", obs_type="state")
+    obs, _ = env.reset(seed=1)
+    start = obs["agent_pos"][:3].copy()
+    for _ in range(10):
+        obs, *_ = env.step(env.unwrapped.hold_action())
+    assert np.linalg.norm(obs["agent_pos"][:3] - start) < 5e-3  # hold = the current pose as the goal
+    bad = env.unwrapped.hold_action()
+    bad[6:9] = bad[3:6]  # second rotation column parallel to the first
+    with pytest.raises(ValueError, match="do not span a plane"):
+        env.step(bad)
+    env.close()
+    rot = rotation_from_columns(np.array([2.0, 0.1, 0.0]), np.array([0.3, 1.0, 0.2]))
+    np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rot) == pytest.approx(1.0)

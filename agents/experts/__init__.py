@@ -51,10 +51,11 @@ def make_expert(task: str, env, seed: int = 0) -> ExpertAgent:
         from agents.experts.so101 import SO101Expert
 
         return ExpertAgent([SO101Expert(e.unwrapped, seed=seed) for e in envs], batched)
-    if task in ("lift", "can", "square", "transport", "toolhang"):
+    robomimic_task = task.removesuffix("-abs")  # the same expert under position control
+    if robomimic_task in ("lift", "can", "square", "transport", "toolhang"):
         from agents.experts.robomimic import make_robomimic_expert
 
-        return ExpertAgent([make_robomimic_expert(task, e.unwrapped) for e in envs], batched)
+        return ExpertAgent([make_robomimic_expert(robomimic_task, e.unwrapped) for e in envs], batched)
     if task == "stackcube":
         from agents.experts.maniskill import StackCubeExpert
 

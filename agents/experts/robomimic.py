@@ -1135,8 +1135,23 @@ EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert, "transp
            "toolhang": ToolHangExpert}
 
 
+class AbsoluteActions:
+    """A delta expert driving a ``control="absolute"`` env: each delta action becomes the absolute goal the delta
+    controller would have set (``RoboMimicEnv.delta_to_absolute``), so the motion is the delta expert's."""
+
+    def __init__(self, expert, env):
+        self.expert, self.env = expert, env
+
+    def reset(self) -> None:
+        self.expert.reset()
+
+    def act(self, obs) -> np.ndarray:
+        return self.env.delta_to_absolute(self.expert.act(obs))
+
+
 def make_robomimic_expert(task: str, env):
-    """A scripted expert for one RoboMimicEnv (``env.unwrapped``)."""
+    """A scripted expert for one RoboMimicEnv (``env.unwrapped``), in the env's action layout."""
     if task not in EXPERTS:
         raise ValueError(f"No scripted RoboMimic expert for task {task!r}. Available: {', '.join(EXPERTS)}")
-    return EXPERTS[task](env)
+    expert = EXPERTS[task](env)
+    return AbsoluteActions(expert, env) if getattr(env, "control", "delta") == "absolute" else expert
