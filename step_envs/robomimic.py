@@ -250,7 +250,8 @@ class RoboMimicEnv(gym.Env):
         return self._observation(), float(reward), success, False, {"is_success": success}
 
     def hold_action(self) -> np.ndarray:
-        """Zero end-effector motion; gripper 0 leaves the Panda's finger command where it is."""
+        """Zero end-effector motion (absolute control: the current pose as the goal); gripper 0 leaves the Panda's
+        finger command where it is."""
         delta = np.zeros(ARM_ACTION_DIM * self.task.num_robots, dtype=np.float32)
         return delta if self.control == "delta" else self.delta_to_absolute(delta)
 
