@@ -38,6 +38,7 @@ from dataclasses import dataclass, field  # noqa: E402
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
+from scipy.spatial.transform import Rotation  # noqa: E402
 
 from step_envs.contract import (  # noqa: E402
     build_observation_space,
@@ -270,21 +271,18 @@ class RoboMimicEnv(gym.Env):
     def delta_to_absolute(self, delta_action) -> np.ndarray:
         """The absolute action (this env's ``control="absolute"`` layout) of the goal that robosuite's delta
         controller sets for ``delta_action`` (7 per arm) in the current state."""
-        from scipy.spatial.transform import Rotation
-
         delta = np.asarray(delta_action, dtype=np.float64).reshape(self.task.num_robots, ARM_ACTION_DIM)
         arms = []
         for controller, arm in zip(self._arm_controllers(), delta):
-            scaled = controller.scale_action(arm[:6])  # clips to [-1, 1] and scales, as set_goal does
-            pos = controller.compute_goal_pos(scaled[:3], goal_update_mode="achieved")
-            rot = Rotation.from_rotvec(scaled[3:6]).as_matrix() @ controller.goal_origin_to_eef_pose()[:3, :3]
+            # robosuite's own steps of set_goal for a delta: clip and scale, then the goal from the current pose.
+            scaled = controller.scale_action(arm[:6])
+            pos = controller.compute_goal_pos(scaled[:3])
+            rot = controller.compute_goal_ori(scaled[3:6])
             arms.append(np.concatenate([pos, rot[:, 0], rot[:, 1], arm[6:7]]))
         return np.concatenate(arms).astype(np.float32)
 
     def _robosuite_absolute(self, action: np.ndarray) -> np.ndarray:
         """Our absolute layout (rotation as two matrix columns) -> robosuite's (axis-angle), per arm."""
-        from scipy.spatial.transform import Rotation
-
         arms = []
         for arm in np.asarray(action, dtype=np.float64).reshape(self.task.num_robots, ABS_ARM_ACTION_DIM):
             rot = rotation_from_columns(arm[3:6], arm[6:9])
