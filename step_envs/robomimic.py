@@ -133,16 +133,16 @@ def rotation_from_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The rotation matrix nearest two (not quite orthonormal) predicted columns: Gram-Schmidt, as in Zhou et
     al.'s 6-D rotation representation. A degenerate pair (zero or parallel) is a clear error, not a NaN pose."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    nx = np.linalg.norm(x)
-    if nx < 1e-6:
-        raise ValueError(f"Absolute action's rotation columns {x.tolist()}, {y.tolist()} do not span a plane.")
-    x = x / nx
-    y = y - (x @ y) * x
-    ny = np.linalg.norm(y)
-    if ny < 1e-6:
-        raise ValueError(f"Absolute action's rotation columns {x.tolist()}, {y.tolist()} do not span a plane.")
-    y = y / ny
-    return np.stack([x, y, np.cross(x, y)], axis=1)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(v)
+        if norm < 1e-6:
+            raise ValueError(f"Absolute action's rotation columns {x.tolist()}, {y.tolist()} do not span a plane.")
+        return v / norm
+
+    first = unit(x)
+    second = unit(y - (first @ y) * first)
+    return np.stack([first, second, np.cross(first, second)], axis=1)
 
 
 class RoboMimicEnv(gym.Env):
