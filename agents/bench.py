@@ -398,6 +398,10 @@ def _pareto_panel(ax, report: dict, colours: dict) -> None:
         ax.scatter(x, y, color=colour, s=40, zorder=3)
         ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    # a panel spanning under a decade gets labelled minor ticks (2x10^1, 3x10^1, ...) that run into each other
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("chunk latency, batch 1 (ms, log scale); bars: 95 % interval")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(True, which="both", alpha=0.3)
@@ -471,18 +475,24 @@ def combined_table(reports: list[dict]) -> str:
 
 
 def combined_plot(reports: list[dict], path: Path) -> None:
-    """One success-vs-latency panel per task, same colours per method."""
+    """One success-vs-latency panel per task, same colours per method, at most four panels a row (a single row of
+    ten tasks is too wide to read)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(4.4 * len(reports), 4.0), dpi=110, squeeze=False)
+    ncols = min(4, len(reports))
+    nrows = -(-len(reports) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 4.0 * nrows), dpi=110, squeeze=False)
     colours = {}
-    for ax, report in zip(axes[0], reports):
+    for ax, report in zip(axes.flat, reports):
         _pareto_panel(ax, report, colours)
         ax.set_title(column_label(report))
-    axes[0][0].set_ylabel("success rate")
+    for ax in axes.flat[len(reports):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("success rate")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

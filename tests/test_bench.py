@@ -108,6 +108,19 @@ def test_table_puts_tasks_side_by_side(tmp_path, capsys):
     assert main(["table", str(tmp_path / "missing")]) == 2
 
 
+def test_combined_plot_wraps_many_tasks_into_rows_of_four(tmp_path):
+    import matplotlib.image
+
+    from agents.bench import combined_plot
+
+    reports = [_report(f"task{i}", [("ddpm", 100, 1.0, 700.0), ("step", 2, 0.9, 15.0)]) for i in range(6)]
+    combined_plot(reports, tmp_path / "six.png")
+    combined_plot(reports[:4], tmp_path / "four.png")
+    six, four = matplotlib.image.imread(tmp_path / "six.png"), matplotlib.image.imread(tmp_path / "four.png")
+    assert six.shape[1] == four.shape[1]  # four panels wide either way
+    assert six.shape[0] == 2 * four.shape[0]  # six tasks take a second row
+
+
 def test_table_shows_state_and_image_policies_of_one_task_side_by_side(tmp_path):
     for name, obs_type in (("pusht", "state"), ("pusht_image", "pixels")):
         (tmp_path / name).mkdir()
