@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -51,22 +52,56 @@ class CollectConfig:
     # Push-T's reward is coverage / 0.95 clipped to 1 (gym-pusht), so 0.9 keeps episodes whose best coverage
     # reaches 0.855; the RoboMimic and SO-101 rewards are 0/1 (success).
     min_max_reward: float = option(0.9, help="keep an episode whose best reward reaches this (Push-T: coverage 0.855)")
+    # DART-style demonstrations (ExecutionNoise): the env executes the expert's action plus correlated noise, the
+    # dataset keeps the clean action, so the demonstrations show corrections from states a noiseless expert never
+    # visits (a policy's few-millimetre errors lead it there).
+    action_noise: float = option(0.0, min=0.0, help="std of the noise added to each executed action, in the action's "
+                                                    "own units (m for a position goal); the dataset keeps the clean action")
+    action_noise_corr: float = option(0.9, min=0.0, help="per-step correlation of that noise (AR(1), below 1)")
 
     def __post_init__(self):
         validate_fields(self)
+        if self.action_noise_corr >= 1.0:
+            raise ValueError(f"action_noise_corr must be below 1, got {self.action_noise_corr}")
+
+
+class ExecutionNoise(gym.ActionWrapper):
+    """Executes ``action + noise``: AR(1) Gaussian noise with stationary std ``sigma`` (the action's units) and
+    per-step correlation ``rho``, clipped to the action space. Seeded per episode seed, so a rerun of a seed
+    executes the same noise. Whoever records the action passed to ``step`` records the clean one."""
+
+    def __init__(self, env: gym.Env, sigma: float, rho: float, seed: int):
+        super().__init__(env)
+        self.sigma, self.rho = sigma, rho
+        self.rng = np.random.default_rng([seed, 0x0DA27])  # not the env's or the expert's stream
+        self.noise = np.zeros(self.action_space.shape)
+
+    def reset(self, **kwargs):
+        self.noise = self.rng.normal(0.0, self.sigma, self.action_space.shape)  # stationary from the first step
+        return self.env.reset(**kwargs)
+
+    def action(self, action):
+        fresh = self.rng.normal(0.0, self.sigma, self.action_space.shape)
+        self.noise = self.rho * self.noise + np.sqrt(1.0 - self.rho**2) * fresh
+        noisy = np.clip(np.asarray(action) + self.noise, self.action_space.low, self.action_space.high)
+        return noisy.astype(self.action_space.dtype)
 
 
 def _raw_dir(out: str | Path) -> Path:
     return Path(out) / "raw"
 
 
-def run_expert_episode(task: str, obs_type: str, seed: int, agent: str = "expert") -> dict:
-    """One episode of a scripted agent; returns per-frame arrays (LeRobot keys) and its summary."""
+def run_expert_episode(task: str, obs_type: str, seed: int, agent: str = "expert", action_noise: float = 0.0,
+                       action_noise_corr: float = 0.9) -> dict:
+    """One episode of a scripted agent; returns per-frame arrays (LeRobot keys) and its summary. With
+    ``action_noise`` the env executes noisy actions (ExecutionNoise) and the frames hold the agent's clean ones."""
     from agents.factory import make_agent
     from step_envs.registry import make_env
     from step_envs.rollout import rollout
 
     env = make_env(task, obs_type=obs_type)
+    if action_noise > 0:
+        env = ExecutionNoise(env, action_noise, action_noise_corr, seed)
     expert = make_agent(agent, env, task=task, seed=seed)
     frames = []
     t0 = time.perf_counter()
@@ -88,7 +123,7 @@ def run_expert_episode(task: str, obs_type: str, seed: int, agent: str = "expert
 
 def _work(args) -> dict:
     cfg, seed = args
-    result = run_expert_episode(cfg.task, cfg.obs_type, seed, cfg.agent)
+    result = run_expert_episode(cfg.task, cfg.obs_type, seed, cfg.agent, cfg.action_noise, cfg.action_noise_corr)
     summary = result["summary"]
     # The frames are stored only for an episode this run keeps; "kept" and "min_max_reward" in the files record
     # that run's decision, but readers decide again from max_reward under their own threshold (keep()).
@@ -169,11 +204,12 @@ def _check_folder(cfg: CollectConfig) -> None:
             old = json.loads(config_path.read_text())
         except ValueError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); fix or remove it.") from None
-        for field in ("task", "agent", "obs_type"):
+        for field in ("task", "agent", "obs_type", "action_noise", "action_noise_corr"):
             if old.get(field, getattr(CollectConfig, field)) != getattr(cfg, field):
                 raise ValueError(
                     f"{out} holds {old.get('task')!r} episodes (agent {old.get('agent')!r}, obs_type "
-                    f"{old.get('obs_type')!r}); this run asks for {field} {getattr(cfg, field)!r}. "
+                    f"{old.get('obs_type')!r}, action_noise {old.get('action_noise', 0.0)!r}); this run asks for "
+                    f"{field} {getattr(cfg, field)!r}. "
                     f"Choose another --out.")
     elif (out / LEROBOT_SUBDIR).exists() or (out / "raw").exists():
         raise ValueError(f"{out} holds data that `step collect` did not make (no collect_config.json); "
