@@ -21,11 +21,18 @@ from agents import make_agent
 from step_envs.registry import get_task
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--agent", default="ddim:8")
-    parser.add_argument("--seeds", required=True, help="comma-separated episode seeds")
+    parser.add_argument("--seeds", required=True, type=seed_list, help="comma-separated episode seeds")
     parser.add_argument("--horizon", type=int, default=700)
     parser.add_argument("--task", default="toolhang-abs", choices=("toolhang", "toolhang-abs"))
     args = parser.parse_args()
@@ -36,7 +43,7 @@ def main() -> None:
     probe = make_agent("expert", env, task=args.task).experts[0]
     probe = getattr(probe, "expert", probe)  # under position control the expert sits inside its converter
     sim = env.unwrapped.sim_env
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         obs, _ = env.reset(seed=seed)
         agent.reset()
         frame_at = tool_at = None
@@ -50,12 +57,10 @@ def main() -> None:
                 frame_at = step
             if tool_at is None and sim._check_tool_on_frame():
                 tool_at = step
-            tip, _ = probe.frame()
+            tip, rot = probe.frame()
             mount, _ = probe.mount()
             if tip[2] - mount[2] < 0.03:
                 closest = min(closest, float(np.linalg.norm(tip[:2] - mount[:2])))
-        tip, rot = probe.frame()
-        mount, _ = probe.mount()
         print(f"seed {seed}: success {bool(info.get('is_success'))} after {step} steps; frame in its mount first at "
               f"{frame_at}, tool on the frame first at {tool_at}; at the end the tip is "
               f"{np.linalg.norm(tip[:2] - mount[:2]) * 1000:.1f} mm off the hole's axis, "

@@ -87,7 +87,7 @@ def test_execution_noise_is_seeded_correlated_and_clipped():
     assert np.abs(noise_of(7, sigma=0.5, clean=0.9, steps=200) + 0.9).max() <= 1.0 + 1e-6  # clipped to the space
 
 
-def test_noisy_demonstrations_keep_the_clean_action(tmp_path):
+def test_noisy_demonstrations_keep_the_clean_action():
     """A DART episode records the expert's own (clean) action, and the noise changes what the expert saw."""
     from step_envs.collect import run_expert_episode
 
@@ -101,6 +101,7 @@ def test_noisy_demonstrations_keep_the_clean_action(tmp_path):
     np.testing.assert_array_equal(noisy["episode"]["action"][0], clean["episode"]["action"][0])
     steps = min(len(clean["episode"]["action"]), len(noisy["episode"]["action"]))
     assert not np.allclose(clean["episode"]["observation.state"][:steps], noisy["episode"]["observation.state"][:steps])
+
 
 def test_collect_refuses_a_folder_made_with_other_noise(tmp_path):
     out = tmp_path / "demos"
