@@ -133,6 +133,25 @@ def load_raw_frames(path, use_images: bool = False, use_env_state: bool = True, 
     return FrameData(state, action, env_state, images, episode, *_episode_bounds(episode))
 
 
+def concat_frames(parts: list[FrameData], names: list[str]) -> FrameData:
+    """Several datasets of one task as one: frames appended, episode numbers continued. Refuses datasets whose
+    features differ (another task, another observation layout)."""
+    first = parts[0].features()
+    for part, name in zip(parts[1:], names[1:]):
+        if part.features() != first:
+            raise ValueError(f"Dataset {name} does not match {names[0]}: features {part.features()} against "
+                             f"{first}; datasets trained together must come from the same task and obs type.")
+    episodes, offset = [], 0
+    for part in parts:
+        episodes.append(part.episode + offset)
+        offset += part.num_episodes
+    episode = torch.cat(episodes)
+    env_state = torch.cat([p.env_state for p in parts]) if parts[0].env_state is not None else None
+    images = {cam: torch.cat([p.images[cam] for p in parts]) for cam in parts[0].images}
+    return FrameData(torch.cat([p.state for p in parts]), torch.cat([p.action for p in parts]), env_state, images,
+                     episode, *_episode_bounds(episode))
+
+
 def _episode_bounds(episode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each frame's first and last (inclusive) frame of its episode (episodes are contiguous runs)."""
     n = len(episode)
@@ -263,6 +282,10 @@ def fit_normalizer(backbone: Backbone, data: FrameData) -> None:
 class TrainPolicyConfig:
     dataset: str = option(help="LeRobotDataset root or `step collect` folder")
     out: str = option(help="checkpoint folder (resumes if it holds a run)")
+    # e.g. DART demonstrations (step collect --action-noise) beside the clean ones; the normaliser is fitted on all
+    # of them (or taken from --init-from)
+    extra_datasets: tuple[str, ...] = option((), help="more datasets of the same task, comma-separated, trained on "
+                                                      "together with --dataset")
     task: str = "pusht"
     preset: str = option("pusht_state", choices=PRESETS, help="backbone size (agents/backbone.py PRESETS)")
     # "state": agent_pos + environment_state; "pixels": agent_pos + images
@@ -543,8 +566,10 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)  # every global RNG starts from the seed and is saved with the weights (exact resume)
-    data = load_frames(cfg.dataset, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state",
-                       progress=cfg.progress)
+    paths = [cfg.dataset, *cfg.extra_datasets]
+    parts = [load_frames(path, use_images=cfg.obs_type == "pixels", use_env_state=cfg.obs_type == "state",
+                         progress=cfg.progress) for path in paths]
+    data = concat_frames(parts, paths) if len(parts) > 1 else parts[0]
     if cfg.obs_type == "pixels" and not data.images:
         raise ValueError(f"Dataset {cfg.dataset} has no images; use --obs-type state.")
     if cfg.obs_type == "state" and data.env_state is None:

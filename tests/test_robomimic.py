@@ -81,6 +81,25 @@ def test_toolhang_expert_stands_the_frame_in_its_mount():
     env.close()
 
 
+def test_toolhang_frame_insertion_tolerates_execution_noise():
+    """DART collection (step collect --action-noise) runs the expert with noisy execution: under 1 mm of it the frame
+    still stands within 300 steps (the tip wedges 7 mm above its release height on this seed; the insertion once
+    waited out its timeout there, its stall test defeated by the noise)."""
+    from step_envs.collect import ExecutionNoise
+
+    env = ExecutionNoise(make_env("toolhang-abs", obs_type="state"), 0.001, 0.9, seed=100003)
+    expert = make_expert("toolhang-abs", env)
+    obs, _ = env.reset(seed=100003)
+    expert.reset()
+    for _ in range(300):
+        obs, *_ = env.step(expert.act(obs))
+        if expert.experts[0].expert.phase.startswith("tool"):
+            break
+    assert env.unwrapped.sim_env._check_frame_assembled()
+    assert expert.experts[0].expert.phase.startswith("tool")
+    env.close()
+
+
 def test_expert_is_deterministic_per_seed():
     _, first = run_expert("lift", 7)
     _, second = run_expert("lift", 7)

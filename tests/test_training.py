@@ -36,6 +36,29 @@ def test_train_policy_periodic_rollout(tiny_dataset, tmp_path):
     assert read_jsonl(out / "eval.jsonl")[0]["step"] == 2
 
 
+def test_extra_datasets_are_trained_on_together(tiny_dataset, tmp_path):
+    import torch
+
+    from agents.backbone import PRESETS
+    from agents.training import FrameData, WindowBank, concat_frames, load_frames
+
+    data = load_frames(tiny_dataset, progress=False)
+    both = concat_frames([data, data], ["a", "b"])
+    n, episodes = len(data.episode), data.num_episodes
+    assert both.num_episodes == 2 * episodes and len(both.episode) == 2 * n
+    # the second copy's windows stay inside its own episodes, shifted by n frames
+    assert torch.equal(both.start[n:], data.start + n) and torch.equal(both.end[n:], data.end + n)
+    assert len(WindowBank.for_policy(both, PRESETS["tiny"])) == 2 * len(WindowBank.for_policy(data, PRESETS["tiny"]))
+    other = FrameData(data.state[:, :1], data.action, data.env_state, {}, data.episode, data.start, data.end)
+    with pytest.raises(ValueError, match="does not match"):
+        concat_frames([data, other], ["a", "b"])
+    rc = main(["train-policy", "--dataset", str(tiny_dataset), "--extra-datasets", str(tiny_dataset),
+               "--out", str(tmp_path / "ck"), "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+               "--warmup-steps", "1", "--eval-every", "0"])
+    assert rc == 0
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["train_step"] == 2
+
+
 def test_train_predictor_smoke_with_ablation(tiny_dataset, tiny_checkpoint, tmp_path):
     out = tmp_path / "pred"
     rc = main(["train-predictor", "--policy", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out", str(out),

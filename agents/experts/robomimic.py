@@ -803,7 +803,12 @@ class ToolHangExpertConfig:
     frame_yaw: float = np.pi / 2
     turn_offset: tuple[float, float] = (0.0, -0.1)  # hand xy relative to the mount while turning the frame
     hover_height: float = 0.03  # tip above the mount's walls before lowering
-    insert_step: float = 0.008  # metres per step the tip's target goes down while inserting
+    insert_step: float = 0.014  # metres per step the tip's target goes down while inserting
+    # A tip that wedges near the bottom of the hole stops descending; rising does not free it (the grasp slips
+    # first): let go there. Measured as descent over a window, since execution noise keeps the hand moving.
+    jam_window: int = 8  # steps over which the tip must descend jam_drop to count as moving
+    jam_drop: float = 0.0015
+    settle_height: float = 0.03  # a jam this close above the release height lets go
     insert_depth: float = 0.012  # tip above the base's top surface when letting go (success needs < 0.017)
     align_tolerance: float = 0.0015  # tip to the mount's axis before lowering
     # The tool: grasped by its grip, turned so its hole's axis runs along the hook with the hole on top, and
@@ -820,7 +825,7 @@ class ToolHangExpertConfig:
     back_off: float = 0.08  # hand retreats along its pointing axis after letting go
     clear_height: float = 0.12  # the hand rises this far above the released frame before unwinding
     unwind_step: float = 0.15  # radians per joint per step of the unwinding target
-    unwind_tolerance: float = 0.3  # radians, every joint to the home posture to end the unwinding
+    unwind_tolerance: float = 0.3  # radians, the shoulder and elbow joints (0-3) to the home posture to end it
     joint_step: float = 0.06  # radians per step (largest joint) along a joint-space move's line
     phase_timeout: int = 150
 
@@ -856,10 +861,12 @@ class ToolHangExpert(PhaseExpert):
         self.tool_yaw: float | None = None  # the hand's yaw grasping the tool, chosen once (plan_tool)
         self.q_turned = None  # configuration holding the tool turned for threading (set when the turn begins)
         self.path_start = None  # configuration where the current joint-space move began
+        self.tip_heights: list[float] = []  # the frame tip's height at each step of frame_insert (jams)
 
     def goto(self, phase: str) -> None:
         super().goto(phase)
         self.turn_start = None
+        self.tip_heights = []
         self.log.append((phase, self.t))
 
     def act(self, obs) -> np.ndarray:
@@ -949,7 +956,11 @@ class ToolHangExpert(PhaseExpert):
             depth = base_top + c.insert_depth
             want = np.array([*mount[:2], max(depth, tip[2] - c.insert_step)])
             hand, hand_rot = held_pose(arm, tip, rot, want, goal)
-            if tip[2] < depth + 0.003 or self.stalled(min_steps=20, speed=2e-4) or timed_out:
+            self.tip_heights.append(float(tip[2]))
+            jammed = len(self.tip_heights) > c.jam_window and \
+                self.tip_heights[-1 - c.jam_window] - tip[2] < c.jam_drop
+            low = tip[2] < depth + c.settle_height
+            if tip[2] < depth + 0.003 or (jammed and low) or timed_out:
                 self.goto("frame_release")
                 self.hold_pos = arm.pos()
             return arm.action(hand, hand_rot, CLOSE)
@@ -973,7 +984,9 @@ class ToolHangExpert(PhaseExpert):
         a step from the current one towards home; the OSC's null space pulls towards the same posture."""
         c, kin = self.config, self.kinematics()
         q = kin.q()
-        if np.max(np.abs(kin.home - q)) < c.unwind_tolerance or self.phase_steps > c.phase_timeout:
+        # The wrist joints (4-6) are left to the next phases: waiting for them parks the hand low beside the frame,
+        # where the path to the tool runs into it.
+        if np.max(np.abs(kin.home - q)[:4]) < c.unwind_tolerance or self.phase_steps > c.phase_timeout:
             self.goto("tool_above")
         pos, rot = kin.fk(q + np.clip(kin.home - q, -c.unwind_step, c.unwind_step))
         return self.arm().action(pos, rot, OPEN)
