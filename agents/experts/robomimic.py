@@ -807,8 +807,8 @@ class ToolHangExpertConfig:
     # noise (data/toolhang-abs-dart was collected with it) but costs threading later: 0.82 against 0.94 on seeds
     # 0-49 under delta control (step eval --task toolhang --agent expert --episodes 50).
     insert_step: float = 0.008
-    # A tip that wedges near the bottom of the hole stops descending; rising does not free it (the grasp slips
-    # first): let go there. Measured as descent over a window, since execution noise keeps the hand moving.
+    # A tip that wedges near the bottom of the hole stops descending, and rising 12 mm to try again did not free it
+    # (tried): let go there. Measured as descent over a window, since execution noise keeps the hand moving.
     jam_window: int = 8  # steps over which the tip must descend jam_drop to count as moving
     jam_drop: float = 0.0015
     settle_height: float = 0.03  # a jam this close above the release height lets go
