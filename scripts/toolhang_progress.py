@@ -1,7 +1,10 @@
 """Where a ToolHang policy's episodes get to: the step the frame first stands in its mount, the step the tool first
 hangs on it, where the frame's tip is against the mount's hole at the end, and how close to the hole's axis the
 tip came near the mount (the hole leaves 1.2 mm of play a side; a policy that lowers the frame off the axis rests
-its tip on the mount's wall and stays there).
+its tip on the mount's wall and stays there). For the tool phase: the step the tool first leaves the table, the
+step its hole first comes within 3 cm of the hook's free end, the hole's closest approach to the hook (the segment
+from its free end to the post) with the angle between the hole's axis and the hook there (threading needs both
+small), and whether the frame still stands at the end.
 
     python scripts/toolhang_progress.py --checkpoint checkpoints/toolhang-abs --agent ddim:8 \
         --seeds 950000,950001 [--horizon 1400] [--task toolhang-abs]
@@ -28,6 +31,13 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Distance from point p to the segment a-b."""
+    ab = b - a
+    t = np.clip(np.dot(p - a, ab) / np.dot(ab, ab), 0.0, 1.0)
+    return float(np.linalg.norm(p - (a + t * ab)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -46,8 +56,10 @@ def main() -> None:
     for seed in args.seeds:
         obs, _ = env.reset(seed=seed)
         agent.reset()
-        frame_at = tool_at = None
+        frame_at = tool_at = lifted_at = near_hook_at = None
         closest = np.inf  # tip to the hole's axis while the tip is at most 3 cm above the wall tops (m)
+        tool_rest_z = probe.tool()[0][2]  # the tool's hole lying on the table at reset
+        hook_closest, hook_angle = np.inf, np.nan  # tool hole centre to the hook segment, and the axes' angle there
         step, done = 0, False
         while not done:
             obs, _, terminated, truncated, info = env.step(agent.act(obs))
@@ -61,12 +73,27 @@ def main() -> None:
             mount, _ = probe.mount()
             if tip[2] - mount[2] < 0.03:
                 closest = min(closest, float(np.linalg.norm(tip[:2] - mount[:2])))
+            hole, tool_rot = probe.tool()
+            if lifted_at is None and hole[2] - tool_rest_z > 0.05:
+                lifted_at = step
+            free_end, along = probe.hook()
+            post = probe.site_pos("frame_intersection_site")
+            if lifted_at is not None:
+                if near_hook_at is None and np.linalg.norm(hole - free_end) < 0.03:
+                    near_hook_at = step
+                distance = segment_distance(hole, free_end, post)
+                if distance < hook_closest:
+                    hook_closest = distance
+                    hook_angle = np.degrees(np.arccos(min(1.0, abs(float(tool_rot[:, 2] @ along)))))
         print(f"seed {seed}: success {bool(info.get('is_success'))} after {step} steps; frame in its mount first at "
               f"{frame_at}, tool on the frame first at {tool_at}; at the end the tip is "
               f"{np.linalg.norm(tip[:2] - mount[:2]) * 1000:.1f} mm off the hole's axis, "
               f"{(tip[2] - mount[2]) * 1000:.1f} mm above the wall tops, post tilted "
               f"{np.degrees(np.arccos(min(1.0, abs(rot[2, 2])))):.1f} deg; closest to the axis within 3 cm above the "
-              f"walls: {closest * 1000:.1f} mm", flush=True)
+              f"walls: {closest * 1000:.1f} mm; tool off the table first at {lifted_at}, hole within 3 cm of the "
+              f"hook's free end first at {near_hook_at}, closest to the hook {hook_closest * 1000:.1f} mm (hole axis "
+              f"{hook_angle:.0f} deg off the hook there); frame stands at the end: "
+              f"{bool(sim._check_frame_assembled())}", flush=True)
 
 
 if __name__ == "__main__":
