@@ -3,8 +3,8 @@ hangs on it, where the frame's tip is against the mount's hole at the end, and h
 tip came near the mount (the hole leaves 1.2 mm of play a side; a policy that lowers the frame off the axis rests
 its tip on the mount's wall and stays there). For the tool phase: the step the tool first leaves the table, the
 step its hole first comes within 3 cm of the hook's free end, the hole's closest approach to the hook (the segment
-from its free end to the post) with the angle between the hole's axis and the hook there (threading needs both
-small), and whether the frame still stands at the end.
+from its free end to the post) with the angle between the hole's axis and the hook there (the expert threads
+with the tool pitched 45 degrees, then levels it), and whether the frame still stands at the end.
 
     python scripts/toolhang_progress.py --checkpoint checkpoints/toolhang-abs --agent ddim:8 \
         --seeds 950000,950001 [--horizon 1400] [--task toolhang-abs]
