@@ -48,7 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     env = gym.make(get_task(args.task).env_id, obs_type="state", render_mode=None, max_episode_steps=args.horizon)
-    agent = make_agent(args.agent, env, task=args.task, checkpoint=args.checkpoint, seed=0)
+    try:
+        agent = make_agent(args.agent, env, task=args.task, checkpoint=args.checkpoint, seed=0)
+    except (FileNotFoundError, ValueError) as err:  # a missing or mismatched checkpoint, an unknown agent spec
+        parser.error(str(err))
     # The scripted expert's scene helpers (frame tip, mount), read only: it never acts here.
     probe = make_agent("expert", env, task=args.task).experts[0]
     probe = getattr(probe, "expert", probe)  # under position control the expert sits inside its converter
@@ -85,14 +88,16 @@ def main() -> None:
                 if distance < hook_closest:
                     hook_closest = distance
                     hook_angle = np.degrees(np.arccos(min(1.0, abs(float(tool_rot[:, 2] @ along)))))
+        approach = ("tool never off the table" if lifted_at is None else
+                    f"tool off the table first at {lifted_at}, hole within 3 cm of the hook's free end first at "
+                    f"{near_hook_at}, closest to the hook {hook_closest * 1000:.1f} mm (hole axis {hook_angle:.0f} deg "
+                    f"off the hook there)")
         print(f"seed {seed}: success {bool(info.get('is_success'))} after {step} steps; frame in its mount first at "
               f"{frame_at}, tool on the frame first at {tool_at}; at the end the tip is "
               f"{np.linalg.norm(tip[:2] - mount[:2]) * 1000:.1f} mm off the hole's axis, "
               f"{(tip[2] - mount[2]) * 1000:.1f} mm above the wall tops, post tilted "
               f"{np.degrees(np.arccos(min(1.0, abs(rot[2, 2])))):.1f} deg; closest to the axis within 3 cm above the "
-              f"walls: {closest * 1000:.1f} mm; tool off the table first at {lifted_at}, hole within 3 cm of the "
-              f"hook's free end first at {near_hook_at}, closest to the hook {hook_closest * 1000:.1f} mm (hole axis "
-              f"{hook_angle:.0f} deg off the hook there); frame stands at the end: "
+              f"walls: {closest * 1000:.1f} mm; {approach}; frame stands at the end: "
               f"{bool(sim._check_frame_assembled())}", flush=True)
 
 
