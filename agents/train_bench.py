@@ -21,7 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
-from agents.compute import available_cores, cpu_has_bf16, resolve_precision, resolve_threads, use_channels_last
+from agents.compute import (
+    CHANNELS_LAST,
+    available_cores,
+    cpu_has_amx,
+    cpu_has_bf16,
+    resolve_channels_last,
+    resolve_precision,
+    resolve_threads,
+    use_channels_last,
+)
 from agents.config_files import build_config, option, validate_fields
 from agents.training import TrainPolicyConfig, WindowBank, fit_normalizer, load_frames, make_optimizer, optimizer_step
 from step_envs.dataset import ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY
@@ -43,7 +52,9 @@ class TrainBenchConfig:
     warmup: int = option(2, min=0, help="untimed steps before timing each setting")
     dataset: str | None = option(None, help="time on real windows of this dataset (default: synthetic)")
     config: str | None = option(None, help="training config to mark (default configs/<task>_<obs>_policy.yaml)")
-    channels_last: bool = option(False, help="image encoder in NHWC memory format (see agents/compute.py)")
+    channels_last: str = option("auto", choices=CHANNELS_LAST,
+                                help="image encoder in NHWC memory format: auto (as training decides per row: bf16 "
+                                     "on a CPU with AMX), on, off (agents/compute.py)")
     seed: int = 0
     json: str | None = option(None, help="write JSON here, with .md and .png beside it")
     progress: bool = True
@@ -115,8 +126,6 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         features = _task_features(cfg.task, cfg.obs_type)
     policy_cfg = PRESETS[preset]
     backbone = Backbone(policy_cfg, features)
-    if features.cameras and cfg.channels_last:
-        use_channels_last(backbone.model)
     bank = None
     if cfg.dataset:
         fit_normalizer(backbone, data)
@@ -128,6 +137,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     try:
         for setting in tqdm(settings, desc=f"train-bench {cfg.task}/{cfg.obs_type}", unit="setting", disable=not cfg.progress):
             torch.set_num_threads(setting["threads"])
+            nhwc = bool(features.cameras) and resolve_channels_last(cfg.channels_last, setting["precision"])
+            if features.cameras:  # before the optimizer is made: it holds the parameters
+                use_channels_last(backbone.model, nhwc)
             optimizer, lr_schedule, ema = make_optimizer(backbone, train_cfg)
             times = []
             for i in range(cfg.warmup + cfg.steps):
@@ -140,7 +152,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                 if i >= cfg.warmup:
                     times.append(time.perf_counter() - t0)
             step_s = statistics.median(times)
-            rows.append({**setting, "samples_per_s": round(setting["batch_size"] / step_s, 1),
+            rows.append({**setting, "channels_last": nhwc, "samples_per_s": round(setting["batch_size"] / step_s, 1),
                          "step_ms": round(step_s * 1000, 1),
                          "baseline": {k: setting[k] for k in BASELINE} == BASELINE,
                          "config": configured is not None and all(setting[k] == configured[k] for k in BASELINE)})
@@ -152,8 +164,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     return {"task": cfg.task, "obs_type": cfg.obs_type, "preset": preset,
             "parameters": sum(p.numel() for p in backbone.model.parameters()),
             "batches": "dataset " + cfg.dataset if cfg.dataset else "synthetic", "timed_steps": cfg.steps,
-            "channels_last": cfg.channels_last,
-            "cores": available_cores(), "cpu_bf16": cpu_has_bf16(),
+            "channels_last": cfg.channels_last, "cores": available_cores(), "cpu_bf16": cpu_has_bf16(),
+            "cpu_amx": cpu_has_amx(),
             "config": configured, "rows": rows, "bench_config": dataclasses.asdict(cfg)}
 
 
@@ -161,10 +173,12 @@ def markdown(result: dict) -> str:
     lines = [f"Task: {result['task']} ({result['obs_type']}), preset {result['preset']} "
              f"({result['parameters'] / 1e6:.1f} M parameters), {result['batches']} batches, "
              f"median of {result['timed_steps']} optimizer steps per row, {result['cores']} cores.", "",
-             "| precision | threads | batch | samples/s | ms/step | x baseline | |", "|---|---|---|---|---|---|---|"]
+             "| precision | threads | batch | layout | samples/s | ms/step | x baseline | |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         tag = ", ".join(t for t, on in (("baseline", r["baseline"]), ("config", r["config"])) if on)
-        lines.append(f"| {r['precision']} | {r['threads']} | {r['batch_size']} | {r['samples_per_s']:.0f} | "
+        layout = "NHWC" if r.get("channels_last") else "NCHW" if result["obs_type"] == "pixels" else "-"
+        lines.append(f"| {r['precision']} | {r['threads']} | {r['batch_size']} | {layout} | {r['samples_per_s']:.0f} | "
                      f"{r['step_ms']:.0f} | {r['speedup']:.2f} | {tag} |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +196,8 @@ def write_results(result: dict, json_path: str | Path) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
-    labels = [f"{r['precision']}, {r['threads']} thr, batch {r['batch_size']}" for r in rows]
+    labels = [f"{r['precision']}, {r['threads']} thr, batch {r['batch_size']}" + (", NHWC" if r.get("channels_last") else "")
+              for r in rows]
     colors = ["tab:gray" if r["baseline"] else "tab:green" if r["config"] else "tab:blue" for r in rows]
     ax.barh(labels, [r["samples_per_s"] for r in rows], color=colors)
     ax.invert_yaxis()

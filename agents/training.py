@@ -34,7 +34,15 @@ from agents.checkpoint import (
     training_state_files,
     unflatten_optimizer,
 )
-from agents.compute import autocast, resolve_device, resolve_precision, resolve_threads, use_channels_last
+from agents.compute import (
+    CHANNELS_LAST,
+    autocast,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    resolve_threads,
+    use_channels_last,
+)
 from agents.config_files import option, validate_fields
 from agents.predictor import Predictor, PredictorConfig, shift_chunk
 from step_envs.dataset import ACTION_KEY, ENV_STATE_KEY, IMAGE_PREFIX, STATE_KEY, load_dataset
@@ -312,7 +320,9 @@ class TrainPolicyConfig:
     threads: int = option(0, min=0, help="torch CPU threads (0: every core)")
     precision: str = option("auto", help="auto | bf16 | fp32 (auto: bf16 for image encoders on a CPU with native "
                                          "bf16, agents/compute.py)")
-    channels_last: bool = False  # NHWC image encoder; measured slower here (agents/compute.py)
+    channels_last: str = option("auto", choices=CHANNELS_LAST,
+                                help="auto | on | off: NHWC image encoder (auto: on for bf16 on a CPU with AMX, "
+                                     "agents/compute.py)")
     # Training alone moves to a GPU; its periodic rollouts, and every agent, run on the CPU.
     device: str = option("auto", help="auto | cpu | cuda (auto: a CUDA GPU when torch sees one)")
     # Per-position noise levels for the streaming baselines (agents/per_position.py): chunk (Diffusion Policy) |
@@ -329,6 +339,8 @@ class TrainPolicyConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.channels_last, bool):  # YAML `channels_last: true` from before auto existed
+            self.channels_last = "on" if self.channels_last else "off"
         validate_fields(self)
 
 
@@ -579,7 +591,8 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
     backbone = Backbone(policy_cfg, features)
     fit_normalizer(backbone, data)
     noise, noise_record = _noise_setup(backbone, cfg)  # may load init_from's weights and normaliser
-    if data.images and cfg.channels_last:
+    channels_last = bool(data.images) and resolve_channels_last(cfg.channels_last, precision, device.type)
+    if channels_last:
         use_channels_last(backbone.model)
     bank = WindowBank.for_policy(data, policy_cfg)
     if len(bank) == 0:
@@ -611,7 +624,7 @@ def _train_policy(cfg: TrainPolicyConfig) -> dict:
 
     backbone.train()
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    bar = run.begin(f"train-policy ({precision}, {where})")
+    bar = run.begin(f"train-policy ({precision}{', NHWC' if channels_last else ''}, {where})")
     while run.step < run.end:
         pick = torch.randint(len(bank), (cfg.batch_size,), generator=run.generator)  # CPU generator: same draws
         obs, action, pad = bank.batch(pick.to(device))

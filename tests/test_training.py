@@ -230,6 +230,7 @@ def test_train_bench_rows_and_outputs(tmp_path):
     assert sum(r["baseline"] for r in result["rows"]) == 1
     for r in result["rows"]:
         assert r["samples_per_s"] > 0 and r["step_ms"] > 0
+        assert r["channels_last"] is False  # no image encoder: nothing to lay out
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     assert main(["train-bench", "--task", "pusht", "--precisions", "fp16", "--steps", "1"]) == 2
 
@@ -244,6 +245,25 @@ def test_precision_and_threads_are_checked():
     assert resolve_threads(0) >= 1 and resolve_threads(1) == 1
     with pytest.raises(ValueError):
         resolve_threads(-1)
+
+
+def test_channels_last_is_auto_on_or_off_and_auto_follows_amx_and_bf16(monkeypatch):
+    import agents.compute as compute
+    from agents.training import TrainPolicyConfig
+
+    for amx in (True, False):
+        monkeypatch.setattr(compute, "cpu_has_amx", lambda amx=amx: amx)
+        assert compute.resolve_channels_last("auto", "bf16") is amx
+        assert compute.resolve_channels_last("auto", "fp32") is False
+        assert compute.resolve_channels_last("auto", "bf16", device_type="cuda") is False
+        assert compute.resolve_channels_last("on", "fp32") is True and compute.resolve_channels_last("off", "bf16") is False
+    assert compute.resolve_channels_last(True, "fp32") is True  # a YAML boolean means on / off
+    with pytest.raises(ValueError, match="channels_last"):
+        compute.resolve_channels_last("nhwc", "bf16")
+    assert TrainPolicyConfig(dataset="d", out="o", channels_last=True).channels_last == "on"
+    assert TrainPolicyConfig(dataset="d", out="o", channels_last=False).channels_last == "off"
+    with pytest.raises(ValueError, match="--channels-last"):
+        TrainPolicyConfig(dataset="d", out="o", channels_last="sometimes")
 
 
 def test_training_device_is_chosen_with_a_clear_error():
