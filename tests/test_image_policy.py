@@ -31,6 +31,30 @@ def test_narrow_resnet18_is_resnet18_at_width_64_and_keeps_the_condition_size():
     assert sizes["image"][1] == sizes["image_w32"][1] == sizes["image_w16"][1] == cond
 
 
+def test_an_nhwc_encoder_saves_and_loads_as_the_same_weights_and_condition(tmp_path):
+    """Training may lay the encoder out NHWC (channels_last, agents/compute.py); the checkpoint must not know."""
+    from agents.checkpoint import load_policy, save_policy
+    from agents.compute import use_channels_last
+
+    features = FeatureSpec(state_dim=2, action_dim=2, cameras={"top": [96, 96, 3]})
+    obs = {"observation.state": torch.rand(1, 2, 2),
+           "observation.images.top": torch.randint(0, 255, (1, 2, 3, 96, 96), dtype=torch.uint8)}
+    torch.manual_seed(0)
+    backbone = Backbone(PRESETS["tiny_image"], features).eval()
+    with torch.no_grad():
+        for param in backbone.model.parameters():  # asymmetric weights, so that a transposed layout would show
+            param.add_(torch.randn_like(param) * 0.1)
+    reference = backbone.global_cond(obs)
+    use_channels_last(backbone.model)
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in backbone.model.parameters())  # really NHWC
+    assert torch.allclose(backbone.global_cond(obs), reference, atol=1e-5)
+    save_policy(tmp_path / "nhwc", backbone, task="pusht", obs_type="pixels")
+    loaded, _ = load_policy(tmp_path / "nhwc")
+    for (name, a), b in zip(backbone.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.allclose(loaded.eval().global_cond(obs), reference, atol=1e-5)
+
+
 def test_robomimic_image_preset_crops_its_84x84_cameras_at_random_in_training_and_centrally_in_eval():
     features = FeatureSpec(state_dim=2, action_dim=2, cameras={"agentview": [84, 84, 3], "wrist": [84, 84, 3]})
     frame = torch.rand(1, 3, 84, 84)
