@@ -94,9 +94,10 @@ def resolve_channels_last(setting: str | bool, precision: str, device_type: str 
     """``auto`` / ``on`` / ``off`` (a YAML true / false counts as on / off) -> NHWC image encoder or not.
 
     auto = on for bf16 training on a CPU with AMX, off otherwise. Measured with ``step train-bench`` (2 cores,
-    ``image`` preset, batch 128, bf16): on an Intel Xeon with AMX NHWC gave 110 samples/s against 87 in NCHW;
-    on an AMD EPYC with AVX512-BF16 and no AMX it was slower (0.55 s a step against 0.52 s at batch 64). fp32
-    steps gained nothing on either, and GPU runs were never timed both ways, so those stay NCHW."""
+    ``image`` preset, batch 128, bf16): on an Intel Xeon with AMX NHWC gave 106 samples/s against 84 in NCHW
+    (results/train_bench/pusht_pixels_image_amx*.json); on an AMD EPYC with AVX512-BF16 and no AMX it was slower
+    (0.55 s a step against 0.52 s at batch 64). fp32 steps gained nothing on the Xeon (26-54 samples/s either
+    way), and GPU runs were never timed both ways, so those stay NCHW."""
     if isinstance(setting, bool):
         setting = "on" if setting else "off"
     if setting not in CHANNELS_LAST:

@@ -47,12 +47,12 @@ def test_an_nhwc_encoder_saves_and_loads_as_the_same_weights_and_condition(tmp_p
     reference = backbone.global_cond(obs)
     use_channels_last(backbone.model)
     assert any(p.ndim == 4 and not p.is_contiguous() for p in backbone.model.parameters())  # really NHWC
-    assert torch.allclose(backbone.global_cond(obs), reference, atol=1e-5)
+    assert torch.allclose(backbone.global_cond(obs), reference, atol=1e-4)  # other kernels, same maths
     save_policy(tmp_path / "nhwc", backbone, task="pusht", obs_type="pixels")
     loaded, _ = load_policy(tmp_path / "nhwc")
     for (name, a), b in zip(backbone.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert torch.allclose(loaded.eval().global_cond(obs), reference, atol=1e-5)
+    assert torch.allclose(loaded.eval().global_cond(obs), reference, atol=1e-4)
 
 
 def test_robomimic_image_preset_crops_its_84x84_cameras_at_random_in_training_and_centrally_in_eval():
