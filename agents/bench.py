@@ -42,7 +42,8 @@ class BenchConfig:
                                                "see agents/checkpoint.py:default_checkpoint)")
     predictor: str | None = option(None, help="STEP's predictor checkpoint (default <checkpoint>/predictor), e.g. "
                                               "the small one for the latency target")
-    out: str | None = option(None, help="output folder (default results/<task>)")
+    out: str | None = option(None, help="output folder (default results/<checkpoint folder name> with --checkpoint, "
+                                        "else results/<task>)")
     latency_calls: int = option(50, min=1)
     latency_threads: int = option(1, min=1, help="batch-1 latency is measured with a fixed torch thread count")
     max_steps: int | None = option(None, min=1, help="cap episodes (smoke runs; not for reports)")
@@ -59,8 +60,11 @@ class BenchConfig:
         validate_fields(self)
         if not self.methods:
             raise ValueError("--methods is empty")
-        if self.out is None:  # derived: one results folder per task
-            self.out = f"results/{self.task}"
+        if self.out is None:
+            # One results folder per checkpoint: `--checkpoint checkpoints/pusht_image` must not overwrite the
+            # state policy's results/pusht (and a later --merge would refuse the mix of checkpoints).
+            name = Path(self.checkpoint).name if self.checkpoint else ""
+            self.out = f"results/{name or self.task}"
 
 
 def run_bench(cfg: BenchConfig) -> dict:

@@ -52,5 +52,8 @@ def test_flags_and_yaml_override_the_same_fields(tmp_path):
     cfg = config_from_args(BenchConfig, args)
     assert (cfg.methods, cfg.episodes, cfg.num_envs) == (("ddim:2", "step:2"), 9, 3)
     assert cfg.latency_only and not cfg.progress and cfg.out == "results/lift"  # derived from the task
+    # With --checkpoint the folder is the checkpoint's: an image policy never overwrites the state results
+    assert BenchConfig(task="pusht", checkpoint="checkpoints/pusht_image/").out == "results/pusht_image"
+    assert BenchConfig(task="pusht", checkpoint="checkpoints/pusht_image", out="results/x").out == "results/x"
     with pytest.raises(ValueError, match="--num-envs must be at least 1"):
         BenchConfig(num_envs=0)
