@@ -44,6 +44,10 @@ class BenchConfig:
                                               "the small one for the latency target")
     out: str | None = option(None, help="output folder (default results/<checkpoint folder name> with --checkpoint, "
                                         "else results/<task>)")
+    # Two --merge lanes on two cores each need one thread: two lanes at torch's default (every core) oversubscribe
+    # the cores and ran a DDPM-100 image row ~6x slower here.
+    threads: int = option(0, min=0, help="torch threads for the rollouts (0: torch's default, OMP_NUM_THREADS or "
+                                         "every core); 1 for each of two --merge lanes")
     latency_calls: int = option(50, min=1)
     latency_threads: int = option(1, min=1, help="batch-1 latency is measured with a fixed torch thread count")
     max_steps: int | None = option(None, min=1, help="cap episodes (smoke runs; not for reports)")
@@ -251,8 +255,19 @@ class _CountingAgent:
 
 
 def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods) -> list[dict]:
-    return [rollout_row(cfg, spec_str, spec.name, checkpoint, backbone, predictor, obs_type, seeds,
-                        num_envs=min(cfg.num_envs, len(seeds)))[0] for spec_str in cfg.methods]
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        rows = [rollout_row(cfg, spec_str, spec.name, checkpoint, backbone, predictor, obs_type, seeds,
+                            num_envs=min(cfg.num_envs, len(seeds)))[0] for spec_str in cfg.methods]
+    finally:
+        torch.set_num_threads(threads_before)
+    for row in rows:  # each row keeps its own: merged rows may come from runs with different counts
+        row["rollout_threads"] = cfg.threads or threads_before
+    return rows
 
 
 def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, obs_type: str, seeds: list[int],

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from agents.cli import main
 from agents.factory import make_agent
 from step_envs.registry import make_env
@@ -23,6 +25,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"]) for r in report["rows"]] == [("ddim", 2), ("step", 2), ("step-temporal", 2)]
     assert report["config"]["num_envs"] == 2
+    assert {r["rollout_threads"] for r in report["rows"]} == {torch.get_num_threads()}  # torch's default
     for row in report["rows"]:
         assert row["episodes"] == 2 and row["seed_start"] == 0
         assert row["latency_ms"]["median"] > 0 and row["nfe_ms_median"] > 0
@@ -42,8 +45,9 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     # Merged rows join them (a step@t variant is a row of its own); the report's config names every row's method.
     assert main(["bench", "--task", "pusht", "--checkpoint", str(tiny_checkpoint), "--methods", "ddim:1,step@30:1",
                  "--episodes", "2", "--num-envs", "2", "--out", str(out), "--latency-calls", "2", "--max-steps", "40",
-                 "--merge"]) == 0
+                 "--merge", "--threads", "1"]) == 0
     merged = json.loads((out / "results.json").read_text())
+    assert [r["rollout_threads"] for r in merged["rows"]] == [torch.get_num_threads()] * 3 + [1, 1]
     assert merged["config"]["methods"] == ["ddim:2", "step:2", "step-temporal:2", "ddim:1", "step@30:1"]
     # Rows of two runs: the table gives each row's own rollout seconds, and names the wall time as the last run's.
     merged_md = (out / "results.md").read_text()
