@@ -265,8 +265,6 @@ def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, m
                             num_envs=min(cfg.num_envs, len(seeds)))[0] for spec_str in cfg.methods]
     finally:
         torch.set_num_threads(threads_before)
-    for row in rows:  # each row keeps its own: merged rows may come from runs with different counts
-        row["rollout_threads"] = cfg.threads or threads_before
     return rows
 
 
@@ -276,6 +274,8 @@ def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, 
 
     ``step sweep`` runs it per seed block and merges the blocks' episodes; ``agent_kwargs`` go to ``make_agent``.
     """
+    import torch
+
     name, _ = parse_method(spec_str)
     env = make_env(task, obs_type=obs_type, num_envs=num_envs)
     try:
@@ -299,6 +299,8 @@ def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, 
         "method": name, "steps": steps, "spec": spec_str, "episodes": len(seeds), "seed_start": cfg.seed_start,
         "success_rate": summary["success_rate"], "mean_max_reward": summary["mean_max_reward"],
         "rollout_seconds": rollout_seconds,
+        # each row keeps its own: merged rows (and a sweep's cells) may come from runs with different counts
+        "rollout_threads": torch.get_num_threads(),
         # measured in the rollouts, first calls of episodes included; a batched call counts once
         "nfe_per_action": counter.calls / counted.acts if counted.acts else None,
         **(agent.stats() if hasattr(agent, "stats") else {}),
