@@ -147,16 +147,15 @@ def wave_width(requested: int | None, spec, obs_type: str) -> int:
 # The pieces below are shared with `step sweep` (agents/sweep.py), so that its merged rows are bench rows.
 def bench_latency(cfg, task: str, obs_type: str, backbone, predictor) -> list[dict]:
     """Batch-1 latency rows of ``cfg.methods`` with ``cfg.latency_threads`` torch threads (restored afterwards)."""
-    import torch
+    from agents.compute import torch_threads
 
-    threads_before = torch.get_num_threads()
     env = make_env(task, obs_type=obs_type)
     try:
-        return measure_latency(backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
-                                                                  threads=cfg.latency_threads), env.action_space)
+        with torch_threads(cfg.latency_threads):
+            return measure_latency(backbone, predictor, LatencyConfig(
+                methods=tuple(cfg.methods), calls=cfg.latency_calls, threads=cfg.latency_threads), env.action_space)
     finally:
         env.close()
-        torch.set_num_threads(threads_before)
 
 
 def add_latency(rows: list[dict], latency_rows: list[dict]) -> None:
@@ -255,17 +254,11 @@ class _CountingAgent:
 
 
 def _rollout_rows(cfg, spec, checkpoint, backbone, predictor, obs_type, seeds, methods) -> list[dict]:
-    import torch
+    from agents.compute import torch_threads
 
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        rows = [rollout_row(cfg, spec_str, spec.name, checkpoint, backbone, predictor, obs_type, seeds,
+    with torch_threads(cfg.threads):
+        return [rollout_row(cfg, spec_str, spec.name, checkpoint, backbone, predictor, obs_type, seeds,
                             num_envs=min(cfg.num_envs, len(seeds)))[0] for spec_str in cfg.methods]
-    finally:
-        torch.set_num_threads(threads_before)
-    return rows
 
 
 def rollout_row(cfg, spec_str: str, task: str, checkpoint, backbone, predictor, obs_type: str, seeds: list[int],

@@ -46,6 +46,18 @@ def resolve_threads(threads: int) -> int:
     return threads or available_cores()
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch threads (0: keep the current count); the count before is restored."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_has_bf16() -> bool:
     """True when oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
     try:
