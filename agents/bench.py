@@ -147,13 +147,10 @@ def wave_width(requested: int | None, spec, obs_type: str) -> int:
 # The pieces below are shared with `step sweep` (agents/sweep.py), so that its merged rows are bench rows.
 def bench_latency(cfg, task: str, obs_type: str, backbone, predictor) -> list[dict]:
     """Batch-1 latency rows of ``cfg.methods`` with ``cfg.latency_threads`` torch threads (restored afterwards)."""
-    from agents.compute import torch_threads
-
     env = make_env(task, obs_type=obs_type)
     try:
-        with torch_threads(cfg.latency_threads):
-            return measure_latency(backbone, predictor, LatencyConfig(
-                methods=tuple(cfg.methods), calls=cfg.latency_calls, threads=cfg.latency_threads), env.action_space)
+        return measure_latency(backbone, predictor, LatencyConfig(methods=tuple(cfg.methods), calls=cfg.latency_calls,
+                                                                  threads=cfg.latency_threads), env.action_space)
     finally:
         env.close()
 

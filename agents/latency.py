@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from agents.backbone import PRESETS, Backbone, FeatureSpec
+from agents.compute import torch_threads
 from agents.config_files import option, validate_fields
 from agents.factory import DEFAULT_METHODS, make_agent, parse_method
 from agents.predictor import Predictor, PredictorConfig
@@ -162,7 +163,13 @@ def count_nfe(agent, history: dict, calls: int) -> float:
 
 
 def measure_latency(backbone: Backbone, predictor: Predictor | None, cfg: LatencyConfig, action_space) -> list[dict]:
-    torch.set_num_threads(cfg.threads)
+    """Latency rows of ``cfg.methods`` with ``cfg.threads`` torch threads; the caller's count is restored afterwards
+    (`step bench` rolls out with its own)."""
+    with torch_threads(cfg.threads):
+        return _latency_rows(backbone, predictor, cfg, action_space)
+
+
+def _latency_rows(backbone: Backbone, predictor: Predictor | None, cfg: LatencyConfig, action_space) -> list[dict]:
     generator = torch.Generator().manual_seed(cfg.seed)
     history = _random_history(backbone, generator)
     # make_agent reads only the action space when the backbone is given (no env is stepped here)
